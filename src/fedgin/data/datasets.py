@@ -1,0 +1,371 @@
+"""Dataset adapters: nnU-Net v2 raw folders, TotalSegmentator subject folders and AMOS 2022.
+
+Each adapter turns a folder into a :class:`Dataset` of :class:`CaseRef` s. A case knows its
+modality, its files, how its source labels map to the label scheme (one declared table per source,
+see :mod:`fedgin.labels`) and which scheme organs it annotates (partial labels).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..labels import (
+    AMOS_FIRST_MRI_ID,
+    AMOS_LABELS,
+    TOTALSEGMENTATOR_MASKS,
+    LabelScheme,
+    expand_fine,
+)
+from .nifti import read_volume
+
+MODALITY_NAMES: dict[str, str] = {
+    "ct": "CT",
+    "mri": "MRI",
+    "mr": "MRI",
+    "t1": "MRI",
+    "t2": "MRI",
+    "t1w": "MRI",
+    "t2w": "MRI",
+}
+
+
+def normalise_modality(name: str, *, where: str | Path | None = None) -> str:
+    """``"CT"`` or ``"MRI"`` for a channel name such as ``CT``, ``MR``, ``T2``."""
+    key = str(name).strip().lower()
+    if key not in MODALITY_NAMES:
+        raise DataError(where, f"unknown modality {name!r}; expected CT, or MRI/MR/T1/T2")
+    return MODALITY_NAMES[key]
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """One labelled (or unlabelled) volume of a dataset, not yet read.
+
+    ``lut`` maps a source label id to a scheme class id (nnU-Net, AMOS); ``masks`` maps a mask file
+    to a scheme class id (TotalSegmentator). ``annotated`` are the scheme organs whose absence in
+    the label means background; the other organs are unknown in this case.
+    """
+
+    case_id: str
+    dataset: str
+    modality: str
+    image: Path
+    label: Path | None = None
+    lut: tuple[int, ...] | None = None
+    masks: tuple[tuple[Path, int], ...] = ()
+    annotated: tuple[str, ...] = ()
+    source: str = "nnunet"
+
+    def read(self, scheme: LabelScheme) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Image (float32), label in scheme ids (uint8, or None) and the image affine."""
+        image, affine = read_volume(self.image, kind="image")
+        label = None
+        if self.label is not None:
+            raw, label_affine = read_volume(self.label, kind="label")
+            _check_same_grid(self.label, image.shape, affine, raw.shape, label_affine)
+            label = self._map_ids(raw)
+        elif self.masks:
+            label = np.zeros(image.shape, dtype=np.uint8)
+            for mask_path, class_id in self.masks:
+                mask, mask_affine = read_volume(mask_path, kind="label")
+                _check_same_grid(mask_path, image.shape, affine, mask.shape, mask_affine)
+                if mask.max() > 1:
+                    raise DataError(mask_path, f"binary mask expected, found value {int(mask.max())}")
+                label[mask > 0] = class_id
+        return image, label, affine
+
+    def _map_ids(self, raw: np.ndarray) -> np.ndarray:
+        lut = np.asarray(self.lut, dtype=np.int16)
+        present = np.unique(raw)
+        unknown = present[present >= len(lut)]
+        if unknown.size == 0:
+            unknown = present[lut[present] < 0]
+        if unknown.size:
+            raise DataError(
+                self.label, f"label ids {unknown.tolist()} are not in the dataset's label mapping"
+            )
+        return lut[raw].astype(np.uint8)
+
+
+def _check_same_grid(path, image_shape, image_affine, label_shape, label_affine) -> None:
+    if tuple(image_shape) != tuple(label_shape):
+        raise DataError(path, f"label shape {tuple(label_shape)} != image shape {tuple(image_shape)}")
+    if not np.allclose(image_affine, label_affine, atol=1e-3, rtol=1e-5):
+        raise DataError(path, "label affine differs from the image affine")
+
+
+@dataclass
+class Dataset:
+    """A folder of cases from one source and one modality."""
+
+    name: str
+    root: Path
+    modality: str
+    source: str
+    cases: list[CaseRef] = field(default_factory=list)
+    test_cases: list[CaseRef] = field(default_factory=list)
+
+    def case(self, case_id: str) -> CaseRef:
+        for c in self.cases + self.test_cases:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(case_id)
+
+
+# --- nnU-Net v2 raw -------------------------------------------------------------------------
+
+REQUIRED_DATASET_KEYS = ("channel_names", "labels", "file_ending")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(path, "expected a JSON object")
+    return data
+
+
+def _scheme_lut(labels: dict, scheme: LabelScheme, where: Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """LUT source id -> scheme id (-1 for undeclared ids) and the fine organs the labels cover."""
+    ids: dict[int, str] = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise DataError(where, f"region-based label {name!r} is not supported")
+        try:
+            ids[int(value)] = str(name)
+        except (TypeError, ValueError):
+            raise DataError(where, f"label {name!r} has non-integer id {value!r}") from None
+    if ids.get(0, "").lower() != "background":
+        raise DataError(where, "labels must map 'background' to 0")
+    lut = [-1] * (max(ids) + 1)
+    lut[0] = 0
+    names: list[str] = []
+    for source_id, name in ids.items():
+        if source_id == 0:
+            continue
+        try:
+            fines = expand_fine(name)
+        except KeyError:
+            raise DataError(
+                where, f"label {name!r} (id {source_id}) has no mapping to scheme {scheme.name}"
+            ) from None
+        names.append(name)
+        lut[source_id] = scheme.id_of_fine(fines[0]) if fines else 0
+    return tuple(lut), tuple(names)
+
+
+def _manifest_annotations(root: Path) -> dict[str, list[str]]:
+    path = root / "manifest.json"
+    if not path.exists():
+        return {}
+    manifest = _read_json(path)
+    out: dict[str, list[str]] = {}
+    for entry in manifest.get("cases", []):
+        if not isinstance(entry, dict) or "case" not in entry:
+            raise DataError(path, "each cases[] entry needs a 'case' key")
+        if "annotated" in entry:
+            if not isinstance(entry["annotated"], list):
+                raise DataError(path, f"cases[{entry['case']}].annotated must be a list")
+            out[str(entry["case"])] = [str(x) for x in entry["annotated"]]
+    return out
+
+
+def _annotated(scheme: LabelScheme, label_names: tuple[str, ...], manifest: list[str] | None,
+               where: Path) -> tuple[str, ...]:
+    declared = set(scheme.classes_of_names(label_names))
+    if manifest is None:
+        return tuple(o for o in scheme.organs if o in declared)
+    try:
+        listed = set(scheme.classes_of_names(manifest))
+    except KeyError as exc:
+        raise DataError(where, f"annotated organ {exc.args[0]!r} is unknown") from None
+    return tuple(o for o in scheme.organs if o in declared and o in listed)
+
+
+def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
+    """An nnU-Net v2 raw folder: ``dataset.json``, ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/``."""
+    meta_path = root / "dataset.json"
+    meta = _read_json(meta_path)
+    missing = [k for k in REQUIRED_DATASET_KEYS if k not in meta]
+    if missing:
+        raise DataError(meta_path, f"missing key(s): {', '.join(missing)}")
+    channels = meta["channel_names"]
+    if not isinstance(channels, dict) or "0" not in channels:
+        raise DataError(meta_path, "channel_names must have a '0' entry")
+    if len(channels) != 1:
+        raise DataError(meta_path, f"{len(channels)} input channels; fedgin takes one")
+    modality = normalise_modality(channels["0"], where=meta_path)
+    if not isinstance(meta["labels"], dict):
+        raise DataError(meta_path, "labels must be an object of name -> id")
+    lut, label_names = _scheme_lut(meta["labels"], scheme, meta_path)
+    ending = str(meta["file_ending"])
+    annotations = _manifest_annotations(root)
+    dataset = Dataset(name=root.name, root=root, modality=modality, source="nnunet")
+    images_dir = root / "imagesTr"
+    if not images_dir.is_dir():
+        raise DataError(images_dir, "folder not found")
+    for image in sorted(images_dir.glob(f"*_0000{ending}")):
+        case_id = image.name[: -len(f"_0000{ending}")]
+        label = root / "labelsTr" / f"{case_id}{ending}"
+        if not label.exists():
+            raise DataError(label, f"missing label for case {case_id}")
+        dataset.cases.append(
+            CaseRef(
+                case_id=case_id,
+                dataset=root.name,
+                modality=modality,
+                image=image,
+                label=label,
+                lut=lut,
+                annotated=_annotated(scheme, label_names, annotations.get(case_id), root / "manifest.json"),
+            )
+        )
+    for image in sorted((root / "imagesTs").glob(f"*_0000{ending}")):
+        case_id = image.name[: -len(f"_0000{ending}")]
+        label = root / "labelsTs" / f"{case_id}{ending}"
+        dataset.test_cases.append(
+            CaseRef(
+                case_id=case_id,
+                dataset=root.name,
+                modality=modality,
+                image=image,
+                label=label if label.exists() else None,
+                lut=lut,
+                annotated=_annotated(scheme, label_names, annotations.get(case_id), root / "manifest.json"),
+            )
+        )
+    if not dataset.cases:
+        raise DataError(images_dir, f"no images named *_0000{ending}")
+    n = meta.get("numTraining")
+    if n is not None and int(n) != len(dataset.cases):
+        raise DataError(meta_path, f"numTraining is {n} but imagesTr holds {len(dataset.cases)} cases")
+    return dataset
+
+
+# --- TotalSegmentator -------------------------------------------------------------------------
+
+
+def _totalseg_subjects(root: Path) -> list[Path]:
+    if (root / "segmentations").is_dir():
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "segmentations").is_dir())
+
+
+def read_totalsegmentator(root: Path, scheme: LabelScheme) -> Dataset:
+    """TotalSegmentator subject folders: ``sXXXX/ct.nii.gz`` (or ``mri.nii.gz``) and
+    ``sXXXX/segmentations/<structure>.nii.gz``; a single subject folder also works."""
+    subjects = _totalseg_subjects(root)
+    if not subjects:
+        raise DataError(root, "no TotalSegmentator subject folders (sXXXX/segmentations/)")
+    cases: list[CaseRef] = []
+    modalities = set()
+    for subject in subjects:
+        images = [p for p in (subject / "ct.nii.gz", subject / "mri.nii.gz") if p.exists()]
+        if len(images) != 1:
+            raise DataError(subject, "expected exactly one of ct.nii.gz or mri.nii.gz")
+        modality = "CT" if images[0].name.startswith("ct") else "MRI"
+        modalities.add(modality)
+        masks = []
+        fines = []
+        for filename, fine in TOTALSEGMENTATOR_MASKS.items():
+            mask = subject / "segmentations" / filename
+            if mask.exists():
+                masks.append((mask, scheme.id_of_fine(fine)))
+                fines.append(fine)
+        if not masks:
+            raise DataError(subject / "segmentations", "none of the target organ masks is present")
+        cases.append(
+            CaseRef(
+                case_id=subject.name,
+                dataset=root.name,
+                modality=modality,
+                image=images[0],
+                masks=tuple(masks),
+                annotated=scheme.classes_of_names(fines),
+                source="totalsegmentator",
+            )
+        )
+    if len(modalities) != 1:
+        raise DataError(root, "subjects mix CT and MRI; give each modality its own folder")
+    return Dataset(name=root.name, root=root, modality=modalities.pop(), source="totalsegmentator", cases=cases)
+
+
+# --- AMOS 2022 --------------------------------------------------------------------------------
+
+AMOS_NAME = re.compile(r"^amos_(\d{4})\.nii\.gz$")
+
+
+def read_amos(root: Path, scheme: LabelScheme, modality: str | None = None) -> Dataset:
+    """AMOS 2022: ``imagesTr/amos_XXXX.nii.gz`` + ``labelsTr/amos_XXXX.nii.gz``; ids >= 500 are MRI.
+
+    One call yields one modality: ``modality`` picks it (default: the one with more cases).
+    """
+    lut = [0] * (max(AMOS_LABELS) + 1)
+    for source_id, fine in AMOS_LABELS.items():
+        lut[source_id] = scheme.id_of_fine(fine) if fine else 0
+    by_modality: dict[str, list[CaseRef]] = {"CT": [], "MRI": []}
+    for split in ("Tr", "Va"):
+        for image in sorted((root / f"images{split}").glob("amos_*.nii.gz")):
+            match = AMOS_NAME.match(image.name)
+            if not match:
+                continue
+            label = root / f"labels{split}" / image.name
+            if not label.exists():
+                continue  # AMOS ships unlabelled cases; they are not training data
+            mod = "MRI" if int(match.group(1)) >= AMOS_FIRST_MRI_ID else "CT"
+            by_modality[mod].append(
+                CaseRef(
+                    case_id=image.name[: -len(".nii.gz")],
+                    dataset=root.name,
+                    modality=mod,
+                    image=image,
+                    label=label,
+                    lut=tuple(lut),
+                    annotated=scheme.organs,
+                    source="amos",
+                )
+            )
+    if modality is None:
+        modality = "CT" if len(by_modality["CT"]) >= len(by_modality["MRI"]) else "MRI"
+    modality = normalise_modality(modality, where=root)
+    if not by_modality[modality]:
+        raise DataError(root, f"no labelled AMOS {modality} cases (imagesTr/amos_XXXX.nii.gz)")
+    return Dataset(name=f"{root.name}-{modality}", root=root, modality=modality, source="amos",
+                   cases=by_modality[modality])
+
+
+def _is_amos(root: Path) -> bool:
+    return any(AMOS_NAME.match(p.name) for p in (root / "imagesTr").glob("amos_*.nii.gz"))
+
+
+def open_dataset(path: str | Path, scheme: LabelScheme, *, modality: str | None = None) -> Dataset:
+    """Open a dataset folder of any supported layout (detected from its contents).
+
+    ``path`` may end in ``:CT`` or ``:MRI`` to pick one modality of a mixed AMOS folder.
+    """
+    text = str(path)
+    if modality is None and re.search(r":(CT|MRI|MR)$", text, flags=re.IGNORECASE):
+        text, modality = text.rsplit(":", 1)
+    root = Path(text)
+    if not root.exists():
+        raise DataError(root, "dataset folder not found")
+    if not root.is_dir():
+        raise DataError(root, "expected a dataset folder")
+    if (root / "imagesTr").is_dir() and _is_amos(root):
+        return read_amos(root, scheme, modality)
+    if (root / "dataset.json").exists():
+        return read_nnunet(root, scheme)
+    if _totalseg_subjects(root):
+        return read_totalsegmentator(root, scheme)
+    raise DataError(root, "not a dataset: no dataset.json (nnU-Net), amos_XXXX files (AMOS) "
+                          "or sXXXX/segmentations/ folders (TotalSegmentator)")

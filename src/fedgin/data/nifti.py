@@ -1,0 +1,115 @@
+"""Reading and writing NIfTI volumes safely: validated on the way in, atomic on the way out."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import DataError
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if path.is_dir():
+        raise DataError(path, "is a directory, expected a NIfTI file")
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file")
+    try:
+        img = nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise DataError(path, f"not a readable NIfTI file ({_short(exc)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(path, f"not a NIfTI file ({type(img).__name__})")
+    return img
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:120]
+
+
+def read_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D volume and its voxel-to-RAS affine (4 x 4, mm).
+
+    ``kind="image"`` returns float32 and refuses NaN/Inf; ``kind="label"`` returns uint8 and
+    refuses fractional or negative values. A trailing singleton 4th axis is dropped.
+    """
+    path = Path(path)
+    img = _load(path)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise DataError(path, f"expected a 3D volume, got {len(img.shape)}D shape {tuple(img.shape)}")
+    if min(shape) == 0:
+        raise DataError(path, f"zero-size axis in shape {shape}")
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(path, f"truncated or corrupt voxel data ({_short(exc)})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(path, "invalid affine (singular or non-finite)")
+    if kind == "image":
+        data = data.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(data)):
+            raise DataError(path, "image contains NaN or Inf values")
+        return data, affine
+    if kind == "label":
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.all(np.isfinite(data)):
+                raise DataError(path, "label contains NaN or Inf values")
+            if np.any(data != np.round(data)):
+                raise DataError(path, "label contains fractional values; expected integer label ids")
+        if data.min() < 0:
+            raise DataError(path, f"label contains negative id {int(data.min())}")
+        if data.max() > 255:
+            raise DataError(path, f"label id {int(data.max())} is out of range (max 255)")
+        return data.astype(np.uint8), affine
+    raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+
+
+def read_header_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of a NIfTI file, without reading its voxels."""
+    img = _load(Path(path))
+    return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+
+
+def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, dtype=None) -> Path:
+    """Write ``data`` with ``affine`` atomically: a temporary file in the target folder, then rename.
+
+    qform and sform both carry ``affine`` (code 1, scanner), as nnU-Net and most viewers expect.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(data if dtype is None else data.astype(dtype))
+    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_data_dtype(arr.dtype)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing in mm: the lengths of the affine's first three columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def axcodes_of(affine: np.ndarray) -> str:
+    """Orientation code such as ``RAS`` or ``LPS`` (closest axes)."""
+    return "".join(nib.aff2axcodes(affine))
