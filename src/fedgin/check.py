@@ -1,0 +1,76 @@
+"""``fedgin data check``: validate datasets and print a case table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data.datasets import open_dataset
+from .data.nifti import axcodes_of, spacing_of
+from .errors import DataError, FedginError
+from .labels import LabelScheme
+
+
+@dataclass
+class CaseRow:
+    dataset: str
+    case: str
+    modality: str
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    axcodes: str
+    present: tuple[str, ...]
+    annotated: tuple[str, ...]
+
+
+def check_datasets(paths: list[str], scheme: LabelScheme) -> tuple[list[CaseRow], list[str]]:
+    """Read every case fully (image, label, mapping); returns rows and one error line per bad case."""
+    rows, errors = [], []
+    inv = {i: o for o, i in scheme.label_ids.items()}
+    for path in paths:
+        try:
+            dataset = open_dataset(path, scheme)
+        except FedginError as exc:
+            errors.append(str(exc))
+            continue
+        for ref in dataset.cases + dataset.test_cases:
+            try:
+                image, label, affine = ref.read(scheme)
+            except FedginError as exc:
+                errors.append(str(exc))
+                continue
+            present = ()
+            if label is not None:
+                present = tuple(inv[int(i)] for i in np.unique(label) if i > 0)
+                stray = [o for o in present if o not in ref.annotated]
+                if stray:
+                    errors.append(str(DataError(ref.label, f"labels organ(s) {stray} that the manifest "
+                                                            "does not list as annotated")))
+                    continue
+            rows.append(CaseRow(dataset.name, ref.case_id, ref.modality, tuple(image.shape),
+                                tuple(round(s, 3) for s in spacing_of(affine)), axcodes_of(affine),
+                                present, ref.annotated))
+    return rows, errors
+
+
+def format_table(rows: list[CaseRow], scheme: LabelScheme) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cases (scheme {scheme.name}; organs: present/annotated, '?' = not annotated)")
+    for col in ("dataset", "case", "modality", "shape", "spacing (mm)", "axes", "organs"):
+        table.add_column(col)
+    for r in rows:
+        organs = []
+        for o in scheme.organs:
+            if o not in r.annotated:
+                organs.append(f"{o}:?")
+            else:
+                organs.append(f"{o}:{'yes' if o in r.present else 'no'}")
+        table.add_row(r.dataset, r.case, r.modality, "x".join(map(str, r.shape)),
+                      "x".join(f"{s:g}" for s in r.spacing), r.axcodes, " ".join(organs))
+    console = Console(width=200, record=True, force_terminal=False)
+    with console.capture() as cap:
+        console.print(table)
+    return cap.get()

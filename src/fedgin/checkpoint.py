@@ -1,0 +1,117 @@
+"""Checkpoints that carry everything ``predict`` needs: weights, architecture, label scheme and
+preprocessing. Written atomically; a damaged or foreign file is refused with a clear message."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data.preprocess import PreprocessConfig
+from .errors import ModelError
+from .labels import LabelScheme, get_scheme
+from .model import ModelConfig, build_model
+
+FORMAT = "fedgin-checkpoint-1"
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    model_config: ModelConfig
+    scheme: LabelScheme
+    preprocess: PreprocessConfig
+    sites: list[dict]  # [{"name": .., "modality": ..}]
+    meta: dict  # round / epoch, mode, strategy, seed, ...
+    path: Path | None = None
+
+    def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        model = build_model(self.model_config)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+
+def save_checkpoint(path: str | Path, state_dict: dict, *, model_config: ModelConfig, scheme: LabelScheme,
+                    preprocess: PreprocessConfig, sites: list[dict], meta: dict,
+                    extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "model_config": model_config.to_dict(),
+        "scheme": scheme.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "sites": sites,
+        "meta": meta,
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_checkpoint_path(model: str | Path) -> Path:
+    """A checkpoint file, or a run dir (its ``checkpoints/last.pt``)."""
+    path = Path(model)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.pt"
+        if not candidate.exists():
+            raise ModelError(f"{path}: not a run dir with checkpoints/last.pt")
+        return candidate
+    if not path.exists():
+        raise ModelError(f"{path}: model not found")
+    return path
+
+
+def load_raw(path: Path) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: damaged or not a fedgin checkpoint ({text})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a fedgin checkpoint (format {FORMAT} expected)")
+    return payload
+
+
+def load_checkpoint(model: str | Path, *, expect_scheme: str | None = None) -> Checkpoint:
+    """Load a checkpoint file or a run dir's last checkpoint."""
+    path = resolve_checkpoint_path(model)
+    payload = load_raw(path)
+    try:
+        scheme = get_scheme(payload["scheme"]["name"])
+        if list(scheme.organs) != list(payload["scheme"]["organs"]):
+            raise ModelError(f"{path}: label scheme {scheme.name} differs from this fedgin's definition")
+        ckpt = Checkpoint(
+            state_dict=payload["state_dict"],
+            model_config=ModelConfig.from_dict(payload["model_config"]),
+            scheme=scheme,
+            preprocess=PreprocessConfig.from_dict(payload["preprocess"]),
+            sites=list(payload["sites"]),
+            meta=dict(payload["meta"]),
+            path=path,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: incomplete checkpoint (missing {exc})") from None
+    if expect_scheme is not None and ckpt.scheme.name != expect_scheme:
+        raise ModelError(f"{path}: checkpoint uses label scheme {ckpt.scheme.name}, expected {expect_scheme}")
+    try:
+        ckpt.build()
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit the stored architecture ({str(exc)[:100]})") from None
+    return ckpt

@@ -1,0 +1,211 @@
+"""The ``fedgin`` command line. Parses arguments, resolves one RunConfig, calls library code.
+
+Usage and data errors print one line and exit with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import FedginError
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def _site(text: str):
+    from .config import SiteSpec
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--site takes NAME=DATASET, got {text!r}")
+    name, path = text.split("=", 1)
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"--site takes NAME=DATASET, got {text!r}")
+    return SiteSpec(name=name, dataset=path)
+
+
+def _add_common_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", action="append", type=_site, required=True, metavar="NAME=DATASET",
+                   help="a site and its dataset folder (repeat per site)")
+    p.add_argument("--out", required=True, help="run dir to create")
+    p.add_argument("--preset", default="quick", choices=["quick", "paper"],
+                   help="quick: sized for 2 CPU cores; paper: FedGIN's settings for a GPU")
+    p.add_argument("--scheme", default="abdomen5", choices=["abdomen5", "abdomen6"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gin", dest="gin", action="store_true", default=None, help="GIN on training batches")
+    p.add_argument("--no-gin", dest="gin", action="store_false", help="no GIN")
+    p.add_argument("--ipa", action="store_true", default=None, help="blend two GIN draws (IPA)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--steps-per-epoch", type=int, help="optimisation steps per epoch (default: preset)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--split", help="split file (JSON) naming train/val/test cases per dataset")
+    p.add_argument("--cache-dir", help="preprocessing cache (default $FEDGIN_CACHE_DIR or ~/.cache/fedgin)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedgin", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedgin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic CT + MRI sites -> FedGIN on Flower -> evaluation -> report")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int)
+
+    p = sub.add_parser("phantoms", help="write synthetic CT and MRI datasets (nnU-Net raw + manifest)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ct", type=int, default=6)
+    p.add_argument("--mri", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mri-partial", action="store_true",
+                   help="MRI cases annotate only liver, kidneys and spleen (like CHAOS)")
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="validate datasets and print a case table")
+    p.add_argument("datasets", nargs="+")
+    p.add_argument("--scheme", default="abdomen5", choices=["abdomen5", "abdomen6"])
+
+    p = sub.add_parser("train", help="non-federated baselines: local (one model per site) or centralized")
+    _add_common_training(p)
+    p.add_argument("--mode", required=True, choices=["local", "centralized"])
+    p.add_argument("--epochs", type=int)
+
+    p = sub.add_parser("evaluate", help="per-case 3D Dice and HD95 per organ and modality")
+    p.add_argument("--model", required=True, help="run dir or checkpoint file")
+    p.add_argument("--data", nargs="+", required=True, help="dataset folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", default="test", choices=["test", "all"],
+                   help="test: each dataset's test split (default); all: every labelled case")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split for datasets without a split file")
+    p.add_argument("--split")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir")
+
+    p = sub.add_parser("predict", help="NIfTI in, NIfTI label map out (input geometry kept)")
+    p.add_argument("-i", "--input", required=True, help="a NIfTI file or a folder of them")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--model", required=True, help="run dir or checkpoint file")
+    p.add_argument("--modality", choices=["CT", "MRI", "MR"])
+    p.add_argument("--masks", action="store_true", help="also one binary file per organ")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _train_overrides(args) -> dict:
+    return {
+        "gin": args.gin,
+        "ipa": args.ipa,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "steps_per_epoch": args.steps_per_epoch,
+        "num_threads": args.threads,
+        "epochs": getattr(args, "epochs", None),
+        "local_epochs": None,
+    }
+
+
+def cmd_train(args) -> int:
+    from .config import resolve
+    from .runs import train_non_federated
+
+    overrides = _train_overrides(args)
+    overrides.pop("local_epochs")
+    cfg = resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
+                  train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
+                  cache_dir=args.cache_dir, device=args.device)
+    out = train_non_federated(cfg, resume=args.resume)
+    print(f"done: {out}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .check import check_datasets, format_table
+    from .labels import get_scheme
+
+    scheme = get_scheme(args.scheme)
+    rows, errors = check_datasets(args.datasets, scheme)
+    if rows:
+        print(format_table(rows, scheme), end="")
+    for line in errors:
+        print(f"fedgin: error: {line}", file=sys.stderr)
+    if errors:
+        print(f"FAILED: {len(errors)} problem(s), {len(rows)} good case(s)")
+        return 2
+    mods = sorted({r.modality for r in rows})
+    print(f"OK: {len(rows)} cases in {len(args.datasets)} dataset(s) ({', '.join(mods)}), all readable and mapped")
+    return 0
+
+
+def cmd_phantoms(args) -> int:
+    from .data.phantoms import write_phantom_datasets
+
+    paths = write_phantom_datasets(args.out, args.ct, args.mri, args.seed, mri_partial=args.mri_partial)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    summary = evaluate(args.model, args.data, args.out, cases=args.cases, seed=args.seed, split_file=args.split,
+                       device=args.device, cache_dir=args.cache_dir)
+    for modality, stats in summary["by_modality"].items():
+        if modality != "all" and stats["mean_dice"] is not None:
+            print(f"{modality}: mean Dice {stats['mean_dice']:.3f} over {stats['cases']} cases")
+    print(f"wrote {args.out}/summary.json, metrics.csv, summary.md")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    written = predict(args.input, args.output, args.model, modality=args.modality, masks=args.masks,
+                      device=args.device)
+    print(f"wrote {len(written)} file(s) to {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed, rounds=args.rounds)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "phantoms": cmd_phantoms,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            return cmd_data_check(args)
+        return COMMANDS[args.command](args)
+    except FedginError as exc:
+        if args.debug:
+            raise
+        print(f"fedgin: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fedgin: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data layer: reading datasets, label mapping, preprocessing, cache, splits, phantoms."""

@@ -1,0 +1,101 @@
+"""On-disk cache of preprocessed cases, keyed by input content and settings.
+
+The key hashes the bytes of every input file of a case, the label mapping, the label scheme and the
+:class:`PreprocessConfig`, so a changed file or setting never serves a stale entry. Entries are
+written atomically (temporary name, then rename); a damaged entry is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..labels import LabelScheme
+from .datasets import CaseRef
+from .preprocess import Geometry, PreprocessConfig, Preprocessed, preprocess
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$FEDGIN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedgin``, else ``~/.cache/fedgin``."""
+    env = os.environ.get("FEDGIN_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedgin"
+
+
+def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate per-process memo
+    """SHA-256 of a file's bytes, memoised per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _memo[key] = h.hexdigest()
+    return _memo[key]
+
+
+def cache_key(case: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig) -> str:
+    files = [case.image] + ([case.label] if case.label else []) + [m for m, _ in case.masks]
+    payload = {
+        "format": CACHE_FORMAT,
+        "files": [file_digest(Path(f)) for f in files],
+        "mask_ids": [i for _, i in case.masks],
+        "lut": list(case.lut) if case.lut else None,
+        "modality": case.modality,
+        "scheme": scheme.to_dict(),
+        "preprocess": cfg.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load_case(
+    case: CaseRef,
+    scheme: LabelScheme,
+    cfg: PreprocessConfig,
+    cache_dir: Path | None = None,
+    *,
+    use_cache: bool = True,
+) -> Preprocessed:
+    """Read and preprocess ``case``, through the cache unless ``use_cache`` is False."""
+    if not use_cache:
+        image, label, affine = case.read(scheme)
+        return preprocess(image, affine, case.modality, cfg, label)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / "preprocessed" / f"{case.case_id}-{cache_key(case, scheme, cfg)}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                geometry = Geometry.from_dict(json.loads(str(data["geometry"])))
+                label = data["label"] if data["has_label"] else None
+                return Preprocessed(image=data["image"], label=label, geometry=geometry)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+            path.unlink(missing_ok=True)  # damaged entry: recompute below
+    image, label, affine = case.read(scheme)
+    result = preprocess(image, affine, case.modality, cfg, label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(
+            tmp,
+            image=result.image,
+            label=result.label if result.label is not None else np.zeros(0, np.uint8),
+            has_label=np.array(result.label is not None),
+            geometry=np.array(json.dumps(result.geometry.to_dict())),
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return result

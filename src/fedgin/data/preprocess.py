@@ -1,0 +1,202 @@
+"""Preprocessing for 2D training, shared by every mode, and its exact inverse for predictions.
+
+Steps (forward): reorient to RAS (axis permutation and flips only, no interpolation, so oblique
+affines are kept exactly), resample in-plane to ``spacing_mm`` (slices are never resampled: MRI
+slices of 5-8 mm would otherwise be invented), normalise intensity per modality, then centre
+pad/crop each axial slice to ``slice_size``. The :class:`Geometry` record holds everything needed to
+send a prediction back onto the input's own voxel grid.
+
+Intensity choices:
+- CT: clip to the abdominal soft-tissue window [-125, 275] HU (W400/L75, as the SABS/BTCV and
+  FedGIN pipelines use), then scale to [0, 1]. Fixed HU keeps the physical meaning of CT values.
+- MRI: no physical unit, so per image: clip to the [0.5, 99.5] percentiles of the voxels above the
+  image minimum (background air would otherwise dominate), then scale to [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .nifti import spacing_of
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings of :func:`preprocess`; they travel in every checkpoint.
+
+    ``spacing_mm`` is the in-plane (R-L, A-P) target spacing; ``slice_size`` the fixed (H, W)
+    in voxels after pad/crop, a multiple of 16 for the U-Net.
+    """
+
+    spacing_mm: tuple[float, float] = (2.5, 2.5)
+    slice_size: tuple[int, int] = (128, 128)
+    ct_window_hu: tuple[float, float] = (-125.0, 275.0)
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        return cls(**{k: tuple(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a preprocessed volume relates to its input grid (all that the inverse needs)."""
+
+    original_shape: tuple[int, int, int]
+    original_affine: tuple[tuple[float, ...], ...]
+    ornt: tuple[tuple[float, float], ...]  # nibabel orientation: input axes -> RAS axes
+    ras_shape: tuple[int, int, int]
+    resampled_shape: tuple[int, int]  # in-plane size after resampling
+    offsets: tuple[int, int]  # where the resampled plane starts inside the padded/cropped slice
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(
+            original_shape=tuple(d["original_shape"]),
+            original_affine=tuple(tuple(r) for r in d["original_affine"]),
+            ornt=tuple(tuple(r) for r in d["ornt"]),
+            ras_shape=tuple(d["ras_shape"]),
+            resampled_shape=tuple(d["resampled_shape"]),
+            offsets=tuple(d["offsets"]),
+        )
+
+
+@dataclass
+class Preprocessed:
+    """A case ready for 2D training: ``image`` D x H x W float32 in [0, 1], ``label`` D x H x W
+    uint8 scheme ids (or None), and the geometry to go back."""
+
+    image: np.ndarray
+    label: np.ndarray | None
+    geometry: Geometry
+
+
+def normalise_intensity(image: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
+    """Map CT HU or MRI scanner units to float32 in [0, 1] (see the module docstring)."""
+    if modality == "CT":
+        lo, hi = cfg.ct_window_hu
+    else:
+        foreground = image[image > image.min()]
+        values = foreground if foreground.size > 100 else image
+        lo, hi = np.percentile(values, cfg.mri_percentiles)
+        if hi <= lo:
+            hi = lo + 1.0
+    out = (np.clip(image, lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32)
+
+
+def _resize_planes(volume: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize ``N x C x X x Y`` planes to ``size``; bilinear or nearest-exact."""
+    if tuple(volume.shape[-2:]) == tuple(size):
+        return volume
+    if mode == "nearest":
+        return F.interpolate(volume, size=size, mode="nearest-exact")
+    return F.interpolate(volume, size=size, mode="bilinear", align_corners=False)
+
+
+def _pad_crop_offsets(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    return tuple((t - s) // 2 for s, t in zip(size, target))
+
+
+def _place(plane: np.ndarray, target: tuple[int, int], offsets: tuple[int, int], fill) -> np.ndarray:
+    """Put ``... x X x Y`` into a ``... x target`` canvas at ``offsets`` (negative = crop)."""
+    out = np.full(plane.shape[:-2] + tuple(target), fill, dtype=plane.dtype)
+    src, dst = [], []
+    for n, t, o in zip(plane.shape[-2:], target, offsets):
+        s0, d0 = max(0, -o), max(0, o)
+        length = min(n - s0, t - d0)
+        src.append(slice(s0, s0 + length))
+        dst.append(slice(d0, d0 + length))
+    out[(..., *dst)] = plane[(..., *src)]
+    return out
+
+
+def _take(canvas: np.ndarray, size: tuple[int, int], offsets: tuple[int, int], fill) -> np.ndarray:
+    """Inverse of :func:`_place`: recover a ``... x size`` plane; cropped-away parts get ``fill``."""
+    out = np.full(canvas.shape[:-2] + tuple(size), fill, dtype=canvas.dtype)
+    src, dst = [], []
+    for n, t, o in zip(size, canvas.shape[-2:], offsets):
+        s0, d0 = max(0, -o), max(0, o)
+        length = min(n - s0, t - d0)
+        dst.append(slice(s0, s0 + length))
+        src.append(slice(d0, d0 + length))
+    out[(..., *dst)] = canvas[(..., *src)]
+    return out
+
+
+def preprocess(
+    image: np.ndarray,
+    affine: np.ndarray,
+    modality: str,
+    cfg: PreprocessConfig,
+    label: np.ndarray | None = None,
+) -> Preprocessed:
+    """Image (+ label) on the input grid -> D x H x W slices in RAS at the target spacing."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras_image = nib.orientations.apply_orientation(image, ornt)
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, image.shape)
+    sx, sy, _ = spacing_of(ras_affine)
+    nx, ny, _ = ras_image.shape
+    size = (max(1, round(nx * sx / cfg.spacing_mm[0])), max(1, round(ny * sy / cfg.spacing_mm[1])))
+    norm = normalise_intensity(ras_image, modality, cfg)
+    # slices first: D x 1 x X x Y, so in-plane resampling is one batched call
+    planes = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))[:, None]
+    planes = _resize_planes(planes, size, "bilinear")[:, 0].numpy()
+    offsets = _pad_crop_offsets(size, cfg.slice_size)
+    out_image = _place(planes, cfg.slice_size, offsets, 0.0).astype(np.float32)
+    out_label = None
+    if label is not None:
+        ras_label = nib.orientations.apply_orientation(label, ornt)
+        lp = torch.from_numpy(np.ascontiguousarray(ras_label.transpose(2, 0, 1)))[:, None]
+        lp = _resize_planes(lp, size, "nearest")[:, 0].numpy()
+        out_label = _place(lp.astype(np.uint8), cfg.slice_size, offsets, 0)
+    geometry = Geometry(
+        original_shape=tuple(int(s) for s in image.shape),
+        original_affine=tuple(tuple(float(v) for v in row) for row in affine),
+        ornt=tuple((float(a), float(b)) for a, b in ornt),
+        ras_shape=tuple(int(s) for s in ras_image.shape),
+        resampled_shape=size,
+        offsets=offsets,
+    )
+    return Preprocessed(image=out_image, label=out_label, geometry=geometry)
+
+
+def probabilities_to_original(probs: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Class probabilities ``C x D x H x W`` (preprocessed space) -> ``C x X x Y x Z`` on the input
+    grid. Cropped-away regions become background; in-plane resampling is bilinear on
+    probabilities (smoother borders than resampling labels)."""
+    arr = probs.detach().cpu().float().numpy()
+    background = np.zeros((arr.shape[0], 1, 1), dtype=np.float32)
+    background[0] = 1.0
+    planes = _take(arr, geometry.resampled_shape, geometry.offsets, 0.0)
+    # cells outside the canvas were filled with 0 for every class: make them background
+    outside = planes.sum(axis=0) == 0
+    planes[0][outside] = 1.0
+    rx, ry, _ = geometry.ras_shape
+    t = torch.from_numpy(planes).permute(1, 0, 2, 3)  # D x C x X x Y
+    t = _resize_planes(t, (rx, ry), "bilinear")
+    ras = t.permute(1, 2, 3, 0).numpy()  # C x X x Y x D (RAS)
+    inverse = nib.orientations.ornt_transform(
+        np.array([[i, 1] for i in range(3)], dtype=float), np.array(geometry.ornt)
+    )
+    back = np.stack([nib.orientations.apply_orientation(c, inverse) for c in ras])
+    assert back.shape[1:] == tuple(geometry.original_shape), (back.shape, geometry.original_shape)
+    return torch.from_numpy(np.ascontiguousarray(back))
+
+
+def labels_to_original(labels: np.ndarray, geometry: Geometry, num_classes: int) -> np.ndarray:
+    """A D x H x W label map in preprocessed space -> uint8 labels on the input grid."""
+    onehot = F.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes)
+    probs = onehot.permute(3, 0, 1, 2).float()
+    return probabilities_to_original(probs, geometry).argmax(0).numpy().astype(np.uint8)

@@ -1,0 +1,97 @@
+"""A site's data, ready for the trainer: preprocessed training and validation cases.
+
+Only this module (and the evaluation/prediction code) touches images; what the federated client
+sends is built from the trainer's results, never from these arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..labels import LabelScheme
+from .cache import load_case
+from .datasets import CaseRef, Dataset, open_dataset
+from .preprocess import Geometry, PreprocessConfig
+from .splits import Split, split_for
+
+
+@dataclass
+class CaseData:
+    """One preprocessed case: ``image`` D x H x W float32 [0, 1], ``label`` D x H x W uint8,
+    ``annotated`` a bool vector over classes (background always True)."""
+
+    case_id: str
+    modality: str
+    image: np.ndarray
+    label: np.ndarray
+    annotated: np.ndarray
+    geometry: Geometry
+    ref: CaseRef
+
+
+@dataclass
+class SiteData:
+    name: str
+    modality: str
+    dataset: Dataset
+    split: Split
+    train: list[CaseData]
+    val: list[CaseData]
+
+    @property
+    def num_train_slices(self) -> int:
+        return int(sum(c.image.shape[0] for c in self.train))
+
+
+def annotated_mask(ref: CaseRef, scheme: LabelScheme) -> np.ndarray:
+    mask = np.zeros(scheme.num_classes, dtype=bool)
+    mask[0] = True
+    for organ in ref.annotated:
+        mask[scheme.label_ids[organ]] = True
+    return mask
+
+
+def load_case_data(ref: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig,
+                   cache_dir: Path | None) -> CaseData:
+    pre = load_case(ref, scheme, cfg, cache_dir)
+    if pre.label is None:
+        raise DataError(ref.image, "training and validation cases need a label")
+    return CaseData(ref.case_id, ref.modality, pre.image, pre.label, annotated_mask(ref, scheme),
+                    pre.geometry, ref)
+
+
+def load_site(
+    name: str,
+    dataset_path: str,
+    scheme: LabelScheme,
+    cfg: PreprocessConfig,
+    *,
+    seed: int = 0,
+    split_file: str | None = None,
+    cache_dir: Path | None = None,
+    modality: str | None = None,
+    train_ids: list[str] | None = None,
+) -> SiteData:
+    """Open a site's dataset, split it and preprocess its training and validation cases.
+
+    ``train_ids`` restricts training to those cases (the scenarios' limited MRI site).
+    """
+    dataset = open_dataset(dataset_path, scheme, modality=modality)
+    split = split_for(dataset.name, [c.case_id for c in dataset.cases], seed, split_file)
+    ids = train_ids if train_ids is not None else list(split.train)
+    train = [load_case_data(dataset.case(i), scheme, cfg, cache_dir) for i in ids]
+    val = [load_case_data(dataset.case(i), scheme, cfg, cache_dir) for i in split.val]
+    if not train:
+        raise DataError(dataset.root, f"site {name}: no training cases")
+    return SiteData(name=name, modality=dataset.modality, dataset=dataset, split=split,
+                    train=train, val=val)
+
+
+def test_refs(dataset: Dataset, split: Split) -> list[CaseRef]:
+    """The split's test cases plus any labelled ``imagesTs`` cases."""
+    refs = [dataset.case(i) for i in split.test]
+    return refs + [c for c in dataset.test_cases if c.label is not None or c.masks]

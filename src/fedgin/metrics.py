@@ -1,0 +1,62 @@
+"""Per-case 3D Dice and HD95 (mm), per organ, with nnU-Net-like null rules.
+
+An organ that the case does not annotate, or that is absent from both prediction and reference, is
+``None`` (null in JSON), never 1.0 or 0.0. HD95 is also None when only one side is empty (the
+distance is undefined); Dice is 0.0 then.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
+
+
+def dice_score(pred: np.ndarray, ref: np.ndarray) -> float | None:
+    """Dice of two boolean volumes; None when both are empty."""
+    p, r = int(pred.sum()), int(ref.sum())
+    if p + r == 0:
+        return None
+    return 2.0 * int(np.logical_and(pred, ref).sum()) / (p + r)
+
+
+def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
+    """95th-percentile symmetric surface distance in mm (MONAI); None if either side is empty."""
+    if not pred.any() or not ref.any():
+        return None
+    p = torch.from_numpy(pred[None, None].astype(np.uint8))
+    r = torch.from_numpy(ref[None, None].astype(np.uint8))
+    value = compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))
+    return float(value.item())
+
+
+def case_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    organs: dict[str, int],
+    annotated: tuple[str, ...],
+    spacing: tuple[float, float, float],
+    *,
+    with_hd95: bool = True,
+) -> dict[str, dict[str, float | None]]:
+    """``{organ: {"dice": .., "hd95": ..}}`` for one case; label maps share one grid."""
+    out = {}
+    for organ, idx in organs.items():
+        if organ not in annotated:
+            out[organ] = {"dice": None, "hd95": None}
+            continue
+        p, r = pred == idx, ref == idx
+        out[organ] = {
+            "dice": dice_score(p, r),
+            "hd95": hd95_mm(p, r, spacing) if with_hd95 else None,
+        }
+    return out
+
+
+def mean_sd(values: list[float | None]) -> dict[str, float | int | None]:
+    """Mean and sample sd over the non-null values, and how many there were."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            "n": len(vals)}

@@ -1,0 +1,145 @@
+"""Run directories and the non-federated modes (local, centralized) on top of the one trainer.
+
+A run dir holds ``config.json``, ``metrics.jsonl`` (one line per epoch or round per site),
+``checkpoints/`` (one global checkpoint per epoch/round and ``last.pt``) and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_raw, resolve_checkpoint_path, save_checkpoint
+from .config import RunConfig
+from .data.sites import SiteData, load_site
+from .errors import FedginError
+from .labels import get_scheme
+from .model import build_model
+from .trainer import EpochResult, Trainer, resolve_device, seed_everything
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per line, flushed at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **fields) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(fields) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, key: str, value: int) -> None:
+        """Drop lines whose ``key`` exceeds ``value`` (work of an interrupted epoch/round)."""
+        rows = [r for r in self.read() if r.get(key, 0) <= value]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        if (out / "config.json").exists():
+            raise FedginError(f"{out}: run dir exists; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    cfg.write(out / "config.json")
+    return out
+
+
+def load_sites(cfg: RunConfig, train_ids: dict[str, list[str]] | None = None) -> list[SiteData]:
+    scheme = get_scheme(cfg.scheme)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    return [
+        load_site(s.name, s.dataset, scheme, cfg.preprocess, seed=cfg.seed, split_file=cfg.split,
+                  cache_dir=cache, modality=s.modality,
+                  train_ids=(train_ids or {}).get(s.name))
+        for s in cfg.sites
+    ]
+
+
+def site_records(sites: list[SiteData]) -> list[dict]:
+    return [{"name": s.name, "modality": s.modality, "dataset": s.dataset.name} for s in sites]
+
+
+def _epoch_line(result: EpochResult, site: SiteData, mode: str, dice: dict | None = None) -> dict:
+    return {
+        "mode": mode,
+        "epoch": result.epoch,
+        "site": site.name,
+        "modality": site.modality,
+        "loss": result.loss,
+        "dice": dice if dice is not None else result.dice,
+        "seconds": result.seconds,
+        "slices": result.num_slices,
+    }
+
+
+def train_non_federated(cfg: RunConfig, *, resume: bool = False, train_ids=None, log=print) -> Path:
+    """``fedgin train``: ``local`` trains one model per site (``RUN/<site>/``), ``centralized``
+    pools every site's training cases into one model (``RUN/``)."""
+    if cfg.mode not in ("local", "centralized"):
+        raise FedginError(f"unknown mode {cfg.mode!r}; expected local or centralized")
+    out = prepare_run_dir(cfg, resume=resume)
+    sites = load_sites(cfg, train_ids)
+    if cfg.mode == "centralized":
+        _train_one(cfg, out, sites, resume=resume, log=log)
+    else:
+        for site in sites:
+            site_cfg = replace(cfg, out=str(out / site.name), sites=tuple(s for s in cfg.sites if s.name == site.name))
+            site_out = prepare_run_dir(site_cfg, resume=resume)
+            _train_one(site_cfg, site_out, [site], resume=resume, log=log)
+    return out
+
+
+def _train_one(cfg: RunConfig, out: Path, sites: list[SiteData], *, resume: bool, log) -> None:
+    scheme = get_scheme(cfg.scheme)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model)
+    trainer = Trainer(model, cfg.train, scheme, device, seed=cfg.seed)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    start_epoch = 0
+    last = out / "checkpoints" / "last.pt"
+    if resume and last.exists():
+        payload = load_raw(resolve_checkpoint_path(last))
+        model.load_state_dict(payload["state_dict"])
+        trainer.optimizer.load_state_dict(payload["extra"]["optimizer"])
+        start_epoch = int(payload["meta"]["epoch"])
+        torch.set_rng_state(payload["extra"]["torch_rng"])
+        metrics.truncate_after("epoch", start_epoch)
+        log(f"resuming {out} after epoch {start_epoch}")
+    elif not resume:
+        metrics.path.write_text("")
+    cases = [c for s in sites for c in s.train]
+    records = site_records(sites)
+    desc = sites[0].name if len(sites) == 1 else "centralized"
+
+    def on_epoch(result: EpochResult) -> None:
+        for site in sites:
+            dice = result.dice if len(sites) == 1 else (trainer.validate(site.val) if site.val else {})
+            metrics.write(**_epoch_line(result, site, cfg.mode, dice))
+        meta = {"mode": cfg.mode, "epoch": result.epoch, "seed": cfg.seed, "time": time.time()}
+        extra = {"optimizer": trainer.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        path = save_checkpoint(out / "checkpoints" / f"epoch_{result.epoch:03d}.pt", model.state_dict(),
+                               model_config=cfg.model, scheme=scheme, preprocess=cfg.preprocess,
+                               sites=records, meta=meta, extra=extra)
+        save_checkpoint(last, model.state_dict(), model_config=cfg.model, scheme=scheme,
+                        preprocess=cfg.preprocess, sites=records, meta=meta, extra=extra)
+        shown = {k: round(v, 3) for k, v in result.dice.items() if v is not None}
+        log(f"[{desc}] epoch {result.epoch}/{cfg.train.epochs} loss {result.loss:.4f} "
+            f"val dice {shown or '-'} ({result.seconds:.1f}s) -> {path.name}")
+
+    remaining = cfg.train.epochs - start_epoch
+    if remaining <= 0:
+        log(f"{out}: all {cfg.train.epochs} epochs already done")
+        return
+    val = [c for s in sites for c in s.val]
+    trainer.fit(cases, remaining, start_epoch=start_epoch, val_cases=val, desc=desc, on_epoch=on_epoch)
