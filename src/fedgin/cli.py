@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=["local", "centralized"])
     p.add_argument("--epochs", type=int)
 
+    p = sub.add_parser("federate", help="federated training on Flower (simulation on one machine)")
+    _add_common_training(p)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedbn", "fedadam"])
+    p.add_argument("--proximal-mu", type=float, help="FedProx proximal weight (default 0.01)")
+    p.add_argument("--min-sites", type=int, help="finish a round when at least this many sites replied")
+
     p = sub.add_parser("evaluate", help="per-case 3D Dice and HD95 per organ and modality")
     p.add_argument("--model", required=True, help="run dir or checkpoint file")
     p.add_argument("--data", nargs="+", required=True, help="dataset folders")
@@ -122,6 +130,23 @@ def cmd_train(args) -> int:
                   train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
                   cache_dir=args.cache_dir, device=args.device)
     out = train_non_federated(cfg, resume=args.resume)
+    print(f"done: {out}")
+    return 0
+
+
+def cmd_federate(args) -> int:
+    from .config import resolve
+    from .federated.launcher import federate
+
+    overrides = _train_overrides(args)
+    overrides.pop("local_epochs")
+    overrides.pop("epochs")
+    cfg = resolve(args.preset, command="federate", out=args.out, sites=tuple(args.site), scheme=args.scheme,
+                  train_overrides=overrides, seed=args.seed, mode="federated", split=args.split,
+                  cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
+                  local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
+                  proximal_mu=args.proximal_mu)
+    out = federate(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
 
@@ -183,6 +208,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "federate": cmd_federate,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "phantoms": cmd_phantoms,

@@ -65,8 +65,10 @@ class RunConfig:
     local_epochs: int = 2
     strategy: str = "fedavg"
     min_sites: int | None = None
+    proximal_mu: float = 0.01
     server_lr: float = 0.01
     split: str | None = None
+    train_cases: dict[str, list[str]] | None = None  # site -> the only training cases it may use
     cache_dir: str | None = None
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -56,7 +56,7 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
     model = ckpt.build(device)
     organs = {o: i for o, i in ckpt.scheme.label_ids.items() if i > 0}
     records = []
-    for ref in tqdm(refs, desc="evaluate", unit="case", leave=False):
+    for ref in tqdm(refs, desc="evaluate", unit="case", leave=False, disable=None):
         start = time.perf_counter()
         _, reference, affine = ref.read(ckpt.scheme)
         pre = load_case(ref, ckpt.scheme, ckpt.preprocess, cache_dir)

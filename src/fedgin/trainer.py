@@ -171,7 +171,7 @@ class Trainer:
             start = time.perf_counter()
             total = 0.0
             self.model.train()
-            bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}", leave=False, unit="step")
+            bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}", leave=False, unit="step", disable=None)
             for _ in bar:
                 idx = sampler.batch()
                 loss = self.step(bank, idx, gen, global_params)

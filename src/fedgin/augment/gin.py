@@ -96,10 +96,12 @@ class GIN(nn.Module):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if layers < 1 or hidden_channels < 1:
-            raise ValueError(f"layers and hidden_channels must be >= 1, got {layers}, {hidden_channels}")
+            raise ValueError(
+                f"layers and hidden_channels must be >= 1, got {layers}, {hidden_channels}"
+            )
         kernel_sizes = tuple(int(k) for k in kernel_sizes)
         if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
-            raise ValueError(f"kernel_sizes must be a non-empty list of odd sizes, got {kernel_sizes}")
+            raise ValueError(f"kernel_sizes must be non-empty and odd, got {kernel_sizes}")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
         low, high = (float(a) for a in alpha_range)
@@ -113,6 +115,13 @@ class GIN(nn.Module):
         self.alpha_range = (low, high)
         self.negative_slope = float(negative_slope)
         self.eps = float(eps)
+        # taps used by each kernel size, embedded in the largest: those within k // 2 of the
+        # centre (Chebyshev distance); shape options x K[ x K] x K
+        kmax = max(kernel_sizes)
+        offset = (torch.arange(kmax) - kmax // 2).abs()
+        ring = torch.stack(torch.meshgrid([offset] * spatial_dims, indexing="ij")).amax(0)
+        self._sizes = torch.tensor(kernel_sizes)
+        self._taps = torch.stack([(ring <= k // 2).float() for k in kernel_sizes])
 
     def extra_repr(self) -> str:
         return (
@@ -131,7 +140,7 @@ class GIN(nn.Module):
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"{type(self).__name__} with spatial_dims={self.spatial_dims} expects a "
-                f"B x C x spatial tensor of {self.spatial_dims + 2} dims, got shape {tuple(x.shape)}"
+                f"B x C x spatial tensor ({self.spatial_dims + 2} dims), got {tuple(x.shape)}"
             )
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point tensor, got {x.dtype}")
@@ -152,12 +161,11 @@ class GIN(nn.Module):
         device = torch.device("cpu") if device is None else torch.device(device)
         source = generator.device if generator is not None else device
         plan = self.channel_plan(channels)
-        kmax = max(self.kernel_sizes)
-        n = self.spatial_dims
-        # three bulk draws (fixed order) instead of one per layer: fewer calls, one transfer each
+        kmax, n = self._taps.shape[-1], self.spatial_dims
+        # three bulk draws in a fixed order instead of one per layer: fewer calls and transfers
         choice = torch.randint(
             len(self.kernel_sizes), (self.layers, batch_size), generator=generator, device=source
-        )
+        ).cpu()
         weight_sizes = [batch_size * co * ci * kmax**n for ci, co in plan]
         bias_sizes = [batch_size * co for _, co in plan]
         normal = torch.randn(
@@ -165,30 +173,24 @@ class GIN(nn.Module):
         ).to(device)
         uniform = torch.rand(2, batch_size, generator=generator, device=source).to(device)
 
-        kernel_sizes = torch.tensor(self.kernel_sizes, device=source)[choice]
-        # largest size per layer, read once on the draw device (one sync for a CUDA generator)
+        kernel_sizes = self._sizes[choice]
         layer_sizes = kernel_sizes.amax(1).tolist()
-        kernel_sizes = kernel_sizes.to(device)
-        # Chebyshev distance of each tap from the kernel centre; a k x k kernel uses taps <= k // 2
-        offset = (torch.arange(kmax, device=device) - kmax // 2).abs()
-        ring = torch.stack(torch.meshgrid([offset] * n, indexing="ij")).amax(0)
-        weight_chunks = normal.split(weight_sizes + bias_sizes)
+        taps = self._taps[choice].to(device)  # layers x B x K[ x K] x K
+        chunks = normal.split(weight_sizes + bias_sizes)
         weights, biases = [], []
         for layer, (ci, co) in enumerate(plan):
-            w = weight_chunks[layer].view(batch_size, co, ci, *([kmax] * n))
-            half = kernel_sizes[layer] // 2
-            inside = ring <= half.view(batch_size, 1, 1, *([1] * n))
+            w = chunks[layer].view(batch_size, co, ci, *([kmax] * n))
+            w = w * taps[layer].view(batch_size, 1, 1, *([kmax] * n))
             # crop to the largest size used at this layer so a batch of 1x1 kernels stays 1x1
-            k_layer = layer_sizes[layer]
-            lo = kmax // 2 - k_layer // 2
-            crop = (slice(None),) * 3 + (slice(lo, lo + k_layer),) * n
-            weights.append((w * inside)[crop].contiguous())
-            biases.append(weight_chunks[len(plan) + layer].view(batch_size, co))
+            lo = kmax // 2 - layer_sizes[layer] // 2
+            crop = (slice(None),) * 3 + (slice(lo, lo + layer_sizes[layer]),) * n
+            weights.append(w[crop].contiguous())
+            biases.append(chunks[len(plan) + layer].view(batch_size, co))
 
         low, high = self.alpha_range
         alpha = low + (high - low) * uniform[0]
         selected = uniform[1] < self.p
-        return GINDraw(tuple(weights), tuple(biases), kernel_sizes, alpha, selected)
+        return GINDraw(tuple(weights), tuple(biases), kernel_sizes.to(device), alpha, selected)
 
     def network(self, x: torch.Tensor, draw: GINDraw) -> torch.Tensor:
         """The drawn networks applied to ``x`` (``B x C x H x W[ x D]``), one per sample, as one
@@ -208,7 +210,7 @@ class GIN(nn.Module):
                 groups=batch,
             )
             if layer < len(draw.weights) - 1:
-                h = F.leaky_relu(h, self.negative_slope)
+                h = F.leaky_relu(h, self.negative_slope, inplace=True)
         return h.contiguous().reshape(batch, -1, *spatial)
 
     def apply(self, x: torch.Tensor, draw: GINDraw) -> torch.Tensor:
@@ -217,15 +219,15 @@ class GIN(nn.Module):
         self.check_input(x)
         with torch.no_grad():
             work = x.to(_compute_dtype(x.dtype))
+            # alpha = 0 returns the input exactly (lerp is exact there and the norm ratio is 1),
+            # so unselected samples need no separate pass
+            alpha = torch.where(draw.selected, draw.alpha, 0.0).to(work.dtype)
             expand = (-1,) + (1,) * (x.ndim - 1)
-            alpha = draw.alpha.to(work.dtype).view(expand)
-            # lerp is exact at alpha = 0, so alpha_range=(0, 0) returns the input bit for bit
-            mixed = torch.lerp(work, self.network(work, draw), alpha)
+            mixed = torch.lerp(work, self.network(work, draw), alpha.view(expand))
             norm_in = work.flatten(1).norm(dim=1)
             norm_out = mixed.flatten(1).norm(dim=1)
             scale = norm_in / norm_out.clamp_min(self.eps)
-            out = torch.where(draw.selected.view(expand), mixed * scale.view(expand), work)
-            return out.to(x.dtype)
+            return (mixed * scale.view(expand)).to(x.dtype)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment ``x`` (``B x C x H x W[ x D]``) with fresh networks, one per sample.

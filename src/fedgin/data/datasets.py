@@ -18,6 +18,7 @@ from ..errors import DataError
 from ..labels import (
     AMOS_FIRST_MRI_ID,
     AMOS_LABELS,
+    FINE_ORGANS,
     TOTALSEGMENTATOR_MASKS,
     LabelScheme,
     expand_fine,
@@ -49,7 +50,9 @@ class CaseRef:
 
     ``lut`` maps a source label id to a scheme class id (nnU-Net, AMOS); ``masks`` maps a mask file
     to a scheme class id (TotalSegmentator). ``annotated`` are the scheme organs whose absence in
-    the label means background; the other organs are unknown in this case.
+    the label means background; the other organs are unknown in this case. ``annotated_fine`` are
+    the fine organs the source delineates (``abdomen5``'s ``kidneys`` is unknown when only one
+    kidney is, yet that kidney's voxels are expected in the label); None: same as ``annotated``.
     """
 
     case_id: str
@@ -61,6 +64,7 @@ class CaseRef:
     masks: tuple[tuple[Path, int], ...] = ()
     annotated: tuple[str, ...] = ()
     source: str = "nnunet"
+    annotated_fine: tuple[str, ...] | None = None
 
     def read(self, scheme: LabelScheme) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Image (float32), label in scheme ids (uint8, or None) and the image affine."""
@@ -159,6 +163,10 @@ def _scheme_lut(labels: dict, scheme: LabelScheme, where: Path) -> tuple[tuple[i
             raise DataError(
                 where, f"label {name!r} (id {source_id}) has no mapping to scheme {scheme.name}"
             ) from None
+        classes = {scheme.class_of_fine(f) for f in fines}
+        if len(classes) > 1:  # e.g. one "kidneys" label cannot be split into abdomen6's two kidneys
+            raise DataError(where, f"label {name!r} (id {source_id}) merges {', '.join(sorted(classes))}, "
+                                   f"which scheme {scheme.name} keeps apart")
         names.append(name)
         lut[source_id] = scheme.id_of_fine(fines[0]) if fines else 0
     return tuple(lut), tuple(names)
@@ -181,15 +189,16 @@ def _manifest_annotations(root: Path) -> dict[str, list[str]]:
 
 
 def _annotated(scheme: LabelScheme, label_names: tuple[str, ...], manifest: list[str] | None,
-               where: Path) -> tuple[str, ...]:
-    declared = set(scheme.classes_of_names(label_names))
-    if manifest is None:
-        return tuple(o for o in scheme.organs if o in declared)
-    try:
-        listed = set(scheme.classes_of_names(manifest))
-    except KeyError as exc:
-        raise DataError(where, f"annotated organ {exc.args[0]!r} is unknown") from None
-    return tuple(o for o in scheme.organs if o in declared and o in listed)
+               where: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Annotated scheme organs and annotated fine organs of one case."""
+    declared = {f for name in label_names for f in expand_fine(name)}
+    if manifest is not None:
+        try:
+            declared &= {f for name in manifest for f in expand_fine(name)}
+        except KeyError as exc:
+            raise DataError(where, f"annotated organ {exc.args[0]!r} is unknown") from None
+    fines = tuple(f for f in FINE_ORGANS if f in declared)
+    return scheme.classes_of_names(fines), fines
 
 
 def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
@@ -219,6 +228,8 @@ def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
         label = root / "labelsTr" / f"{case_id}{ending}"
         if not label.exists():
             raise DataError(label, f"missing label for case {case_id}")
+        annotated, annotated_fine = _annotated(scheme, label_names, annotations.get(case_id),
+                                               root / "manifest.json")
         dataset.cases.append(
             CaseRef(
                 case_id=case_id,
@@ -227,12 +238,15 @@ def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
                 image=image,
                 label=label,
                 lut=lut,
-                annotated=_annotated(scheme, label_names, annotations.get(case_id), root / "manifest.json"),
+                annotated=annotated,
+                annotated_fine=annotated_fine,
             )
         )
     for image in sorted((root / "imagesTs").glob(f"*_0000{ending}")):
         case_id = image.name[: -len(f"_0000{ending}")]
         label = root / "labelsTs" / f"{case_id}{ending}"
+        annotated, annotated_fine = _annotated(scheme, label_names, annotations.get(case_id),
+                                               root / "manifest.json")
         dataset.test_cases.append(
             CaseRef(
                 case_id=case_id,
@@ -241,7 +255,8 @@ def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
                 image=image,
                 label=label if label.exists() else None,
                 lut=lut,
-                annotated=_annotated(scheme, label_names, annotations.get(case_id), root / "manifest.json"),
+                annotated=annotated,
+                annotated_fine=annotated_fine,
             )
         )
     if not dataset.cases:
@@ -293,6 +308,7 @@ def read_totalsegmentator(root: Path, scheme: LabelScheme) -> Dataset:
                 masks=tuple(masks),
                 annotated=scheme.classes_of_names(fines),
                 source="totalsegmentator",
+                annotated_fine=tuple(fines),
             )
         )
     if len(modalities) != 1:
@@ -333,6 +349,7 @@ def read_amos(root: Path, scheme: LabelScheme, modality: str | None = None) -> D
                     lut=tuple(lut),
                     annotated=scheme.organs,
                     source="amos",
+                    annotated_fine=FINE_ORGANS,
                 )
             )
     if modality is None:

@@ -24,14 +24,16 @@ def _load(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
-        raise DataError(path, f"not a readable NIfTI file ({_short(exc)})") from None
+        raise DataError(path, f"not a readable NIfTI file ({_short(exc, path)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, f"not a NIfTI file ({type(img).__name__})")
     return img
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException, path: Path | None = None) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if path is not None:  # the error line already names the file: keep the reason within the limit
+        text = text.replace(str(path), path.name)
     return text[:120]
 
 
@@ -53,7 +55,7 @@ def read_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, n
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
-        raise DataError(path, f"truncated or corrupt voxel data ({_short(exc)})") from None
+        raise DataError(path, f"truncated or corrupt voxel data ({_short(exc, path)})") from None
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(path, "invalid affine (singular or non-finite)")

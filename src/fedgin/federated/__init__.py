@@ -1,0 +1,1 @@
+"""Federated training on Flower: thin ClientApp/ServerApp adapters over plain-Python round logic."""

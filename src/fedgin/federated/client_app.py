@@ -1,0 +1,82 @@
+"""Flower ClientApp: decode the message, run the shared trainer on this site, encode the reply.
+
+The site comes from ``node_config``: ``data-dir`` (+ optional ``modality``, ``site-name``,
+``state-dir``) in a deployment, or ``partition-id`` into the run's site list in simulation.
+Only the model's arrays and scalar metrics are put in the reply.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..config import RunConfig, SiteSpec
+from ..model import build_model
+from .task import evaluate_round, norm_layer_keys, run_config_from_json, train_round
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+app = ClientApp()
+
+
+def resolve_site(context: Context, cfg: RunConfig) -> tuple[SiteSpec, int]:
+    node = context.node_config
+    names = [s.name for s in cfg.sites]
+    if "data-dir" in node:
+        name = str(node.get("site-name") or Path(str(node["data-dir"])).name)
+        index = names.index(name) if name in names else zlib.crc32(name.encode()) % 10_000 + len(names)
+        return SiteSpec(name, str(node["data-dir"]), node.get("modality") or None), index
+    pid = int(node["partition-id"])
+    return cfg.sites[pid], pid
+
+
+def _local_state_path(context: Context, cfg: RunConfig, site: SiteSpec) -> Path:
+    root = context.node_config.get("state-dir") or Path(cfg.out) / "site-state"
+    return Path(str(root)) / site.name / "local_norm_layers.npz"
+
+
+def _local_arrays(context, cfg, site) -> dict[str, np.ndarray] | None:
+    path = _local_state_path(context, cfg, site)
+    if cfg.strategy != "fedbn" or not path.exists():
+        return None
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    cfg = run_config_from_json(str(config["run-config"]))
+    site, index = resolve_site(context, cfg)
+    arrays, metrics = train_round(
+        cfg, site, index, _arrays(msg), int(config["server-round"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        local_arrays=_local_arrays(context, cfg, site),
+        train_ids=(cfg.train_cases or {}).get(site.name),
+    )
+    if cfg.strategy == "fedbn":
+        keys = norm_layer_keys(build_model(cfg.model))
+        path = _local_state_path(context, cfg, site)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{k: arrays[k] for k in keys})
+    reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                        "metrics": MetricRecord(metrics)})
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    cfg = run_config_from_json(str(config["run-config"]))
+    site, index = resolve_site(context, cfg)
+    metrics = evaluate_round(cfg, site, index, _arrays(msg), local_arrays=_local_arrays(context, cfg, site),
+                             train_ids=(cfg.train_cases or {}).get(site.name))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,62 @@
+"""``fedgin federate`` on one machine: Flower's simulation engine runs the ServerApp and one
+virtual SuperNode per site (each site's ClientApp in its own Ray worker process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import RunConfig
+from ..errors import FedginError
+from ..runs import load_sites, prepare_run_dir
+
+# Telemetry off and no runtime dependency installation, before Flower is imported.
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
+    """Run (or resume) a federated run; returns the run dir."""
+    if not 1 <= len(cfg.sites) <= 16:
+        raise FedginError(f"federate needs 1 to 16 sites, got {len(cfg.sites)}")
+    names = [s.name for s in cfg.sites]
+    if len(set(names)) != len(names):
+        raise FedginError(f"site names must be unique: {names}")
+    cpus = os.cpu_count() or 1
+    threads = cfg.train.num_threads or max(1, cpus // len(cfg.sites))
+    cfg = replace(cfg, train=replace(cfg.train, num_threads=threads))
+    # validate and preprocess every site's data up front: errors surface here as one line,
+    # and the Ray workers then read the preprocessing cache
+    sites = load_sites(cfg, cfg.train_cases)
+    cfg = replace(cfg, sites=tuple(replace(s, modality=d.modality) for s, d in zip(cfg.sites, sites)))
+    out = prepare_run_dir(cfg, resume=resume)
+    if not resume:
+        (out / "metrics.jsonl").write_text("")
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as client_app
+    from .server_app import make_server_app
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    log(f"federating {len(cfg.sites)} sites ({', '.join(f'{s.name}:{s.modality}' for s in cfg.sites)}) "
+        f"for {cfg.rounds} rounds, strategy {cfg.strategy}, GIN {'on' if cfg.train.gin else 'off'} -> {out}")
+    run_simulation(
+        server_app=make_server_app(str((out / "config.json").resolve())),
+        client_app=client_app,
+        num_supernodes=len(cfg.sites),
+        backend_name="ray",
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(cpus, len(cfg.sites)), "include_dashboard": False,
+                          "log_to_driver": True},
+        },
+        verbose_logging=False,
+    )
+    last = out / "checkpoints" / "last.pt"
+    if not last.exists():
+        raise FedginError(f"{out}: the federated run ended without a checkpoint (see the log above)")
+    return out

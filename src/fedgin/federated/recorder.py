@@ -1,0 +1,105 @@
+"""Server-side bookkeeping of a federated run (plain Python): per-round global checkpoints,
+one ``metrics.jsonl`` line per site per round, terminal progress, and the state to resume from."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_raw, save_checkpoint
+from ..config import RunConfig
+from ..labels import get_scheme
+from ..runs import MetricsLog
+from .task import numpy_to_state
+
+MODALITY_NAMES = {0: "CT", 1: "MRI"}
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+class RoundRecorder:
+    """Collects what the strategy sees each round and writes it to the run dir."""
+
+    def __init__(self, cfg: RunConfig, out: Path, log=print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.scheme = get_scheme(cfg.scheme)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.train: dict[int, dict] = {}
+        self.evaluate: dict[int, dict] = {}
+        self.failures: dict[int, list[str]] = {}
+        self.round_start = time.perf_counter()
+        self.sites = [{"name": s.name, "modality": s.modality, "dataset": s.dataset} for s in cfg.sites]
+
+    # --- resume ---------------------------------------------------------------------------
+    def resume_point(self) -> tuple[int, dict[str, np.ndarray] | None, dict]:
+        """(last completed round, its global arrays, strategy state) or (0, None, {})."""
+        last = self.out / "checkpoints" / "last.pt"
+        if not last.exists():
+            return 0, None, {}
+        payload = load_raw(last)
+        done = int(payload["meta"]["round"])
+        arrays = {k: v.numpy() for k, v in payload["state_dict"].items()}
+        self.metrics.truncate_after("round", done)
+        return done, arrays, dict(payload["extra"].get("strategy_state", {}))
+
+    # --- per round ------------------------------------------------------------------------
+    def site_name(self, index: int) -> str:
+        return self.cfg.sites[index].name if 0 <= index < len(self.cfg.sites) else f"site{index}"
+
+    def record_train(self, server_round: int, replies: list[dict], failures: list[str]) -> None:
+        self.train[server_round] = {int(r["site-index"]): r for r in replies}
+        self.failures[server_round] = failures
+        for failure in failures:
+            self.log(f"round {server_round}: a site failed and was left out of this round: {failure}")
+
+    def record_evaluate(self, server_round: int, replies: list[dict]) -> None:
+        self.evaluate[server_round] = {int(r["site-index"]): r for r in replies}
+
+    def finish_round(self, server_round: int, arrays: dict[str, np.ndarray], reference: dict[str, torch.Tensor],
+                     strategy_state: dict) -> Path:
+        """Write the round's metrics lines and its global checkpoint (then ``last.pt``)."""
+        train = self.train.get(server_round, {})
+        evaluate = self.evaluate.get(server_round, {})
+        for index in sorted(set(train) | set(evaluate)):
+            t, e = train.get(index, {}), evaluate.get(index, {})
+            modality = MODALITY_NAMES.get(int(t.get("modality", e.get("modality", -1))), "?")
+            self.metrics.write(
+                round=server_round,
+                site=self.site_name(index),
+                modality=modality,
+                loss=_clean(t.get("loss")),
+                dice={o: _clean(e.get(f"dice-{o}")) for o in self.scheme.organs} if e else None,
+                local_dice={o: _clean(t.get(f"dice-{o}")) for o in self.scheme.organs} if t else None,
+                seconds=_clean(t.get("seconds")),
+                num_examples=int(t["num-examples"]) if t else None,
+                trained=bool(t),
+            )
+        state = numpy_to_state(arrays, reference)
+        meta = {"mode": "federated", "round": server_round, "strategy": self.cfg.strategy, "seed": self.cfg.seed,
+                "gin": self.cfg.train.gin, "sites_replied": len(train), "time": time.time()}
+        kwargs = dict(model_config=self.cfg.model, scheme=self.scheme, preprocess=self.cfg.preprocess,
+                      sites=self.sites, meta=meta, extra={"strategy_state": strategy_state})
+        path = save_checkpoint(self.out / "checkpoints" / f"round_{server_round:03d}.pt", state, **kwargs)
+        save_checkpoint(self.out / "checkpoints" / "last.pt", state, **kwargs)
+        self._progress(server_round, train, evaluate)
+        return path
+
+    def _progress(self, server_round: int, train: dict, evaluate: dict) -> None:
+        seconds = time.perf_counter() - self.round_start
+        self.round_start = time.perf_counter()
+        parts = []
+        for index in sorted(set(train) | set(evaluate)):
+            e = evaluate.get(index, {})
+            vals = [e.get(f"dice-{o}") for o in self.scheme.organs]
+            vals = [v for v in vals if v is not None and not math.isnan(v)]
+            dice = f"{np.mean(vals):.3f}" if vals else "-"
+            loss = train.get(index, {}).get("loss")
+            loss_text = f"{loss:.3f}" if loss is not None else "failed"
+            parts.append(f"{self.site_name(index)}: loss {loss_text} val Dice {dice}")
+        self.log(f"round {server_round}/{self.cfg.rounds} ({seconds:.0f}s) " + "; ".join(parts))

@@ -1,0 +1,95 @@
+"""Flower ServerApp: resolve the run, start the strategy, checkpoint each round.
+
+Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``): ``config-file`` (a
+``config.json`` written by ``fedgin federate``) or, for ``flwr run . local`` on its own, ``sites``
+(``"ct=DATASET mri=DATASET"``), ``out``, ``rounds``, ``local-epochs``, ``strategy``, ``gin``,
+``preset``, ``seed``, ``min-sites``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import RunConfig, SiteSpec, resolve
+from ..model import build_model
+from .recorder import RoundRecorder
+from .strategy import make_strategy
+from .task import norm_layer_keys, run_config_to_json, state_to_numpy
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def config_from_run_config(run_config: dict) -> RunConfig:
+    """A RunConfig from Flower's run config (see the module docstring)."""
+    path = str(run_config.get("config-file", "") or "")
+    if path:
+        return RunConfig.from_dict(json.loads(Path(path).read_text()))
+    sites = []
+    for item in str(run_config.get("sites", "")).split():
+        name, dataset = item.split("=", 1)
+        sites.append(SiteSpec(name, dataset))
+    cfg = resolve(str(run_config.get("preset", "quick")), command="flwr run", out=str(run_config.get("out", "runs/flwr")),
+                  sites=tuple(sites), train_overrides={"gin": bool(run_config.get("gin", True))},
+                  rounds=int(run_config.get("rounds", 3)), local_epochs=int(run_config.get("local-epochs", 1)),
+                  strategy=str(run_config.get("strategy", "fedavg")), seed=int(run_config.get("seed", 0)),
+                  min_sites=int(run_config["min-sites"]) if "min-sites" in run_config else None)
+    Path(cfg.out, "checkpoints").mkdir(parents=True, exist_ok=True)
+    cfg.write(Path(cfg.out) / "config.json")
+    return cfg
+
+
+def run_server(grid: Grid, cfg: RunConfig, log=print) -> None:
+    """The whole federated run for the ServerApp (resumes after the last completed round)."""
+    recorder = RoundRecorder(cfg, Path(cfg.out), log=log)
+    model = build_model(cfg.model)
+    reference_state = model.state_dict()
+    reference = state_to_numpy(reference_state)
+    done, arrays, strategy_state = recorder.resume_point()
+    if done >= cfg.rounds:
+        log(f"{cfg.out}: all {cfg.rounds} rounds already done")
+        return
+    if done:
+        log(f"resuming after round {done}")
+    num_sites = len(cfg.sites)
+    strategy = make_strategy(
+        cfg.strategy, num_sites=num_sites, min_sites=cfg.min_sites or num_sites, recorder=recorder,
+        reference=reference, run_config_json=run_config_to_json(cfg),
+        local_keys=frozenset(norm_layer_keys(model)) if cfg.strategy == "fedbn" else frozenset(),
+        proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr, round_offset=done,
+    )
+    if strategy_state:
+        strategy.load_state(strategy_state)
+    initial = arrays if arrays is not None else reference
+
+    def on_round_end(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        current = {k: v.numpy() for k, v in round_arrays.items()}
+        recorder.finish_round(server_round + done, current, reference_state, strategy.state())
+        return None
+
+    strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
+                   num_rounds=cfg.rounds - done, timeout=float(os.environ.get("FEDGIN_ROUND_TIMEOUT", 3600)),
+                   evaluate_fn=on_round_end)
+
+
+def make_server_app(config_file: str | None = None) -> ServerApp:
+    """A ServerApp bound to a ``config.json`` (``fedgin federate``) or reading Flower's run config."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = dict(context.run_config)
+        if config_file:
+            run_config["config-file"] = config_file
+        run_server(grid, config_from_run_config(run_config))
+
+    return server
+
+
+app = make_server_app()

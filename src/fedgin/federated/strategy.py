@@ -1,0 +1,155 @@
+"""Flower strategies for fedgin: Flower's FedAvg / FedProx / FedAdam plus what a multi-site
+segmentation run needs (integer buffers kept integer, FedBN, a minimum of replying sites, resume
+round numbers, and per-site records for ``metrics.jsonl``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from .recorder import RoundRecorder
+from .task import nan_weighted_mean, restore_dtypes
+
+STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam")
+
+
+def nan_aware_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of each metric over the replies that have a value (Dice is NaN where a site
+    does not annotate an organ)."""
+    metric_records = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(m[weighted_by_key]) for m in metric_records]
+    out = {}
+    for key in metric_records[0].keys():
+        if key in (weighted_by_key, "site-index", "modality"):
+            continue
+        out[key] = nan_weighted_mean([float(m[key]) for m in metric_records], weights)
+    out[weighted_by_key] = int(sum(weights))
+    return MetricRecord(out)
+
+
+class FedginMixin:
+    """Hooks shared by every fedgin strategy; set up by :func:`make_strategy`."""
+
+    recorder: RoundRecorder
+    reference: dict[str, np.ndarray]
+    run_config_json: str
+    min_sites: int
+    round_offset: int = 0
+    local_keys: frozenset[str] = frozenset()
+
+    def _config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        config = ConfigRecord(dict(config))
+        config["run-config"] = self.run_config_json
+        config["server-round"] = server_round + self.round_offset
+        return config
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_train(server_round + self.round_offset, arrays,
+                                       self._config(config, server_round), grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays,
+                                          self._config(config, server_round), grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        absolute = server_round + self.round_offset
+        replies = list(replies)
+        valid = [r for r in replies if not r.has_error()]
+        failures = [f"node {r.metadata.src_node_id}: {r.error.reason.strip().splitlines()[-1][:200]}"
+                    for r in replies if r.has_error()]
+        # a fixed order makes the floating-point sums, and so a resumed run, repeatable
+        valid.sort(key=lambda r: int(r.content["metrics"]["site-index"]))
+        self.recorder.record_train(absolute, [dict(r.content["metrics"]) for r in valid], failures)
+        if len(valid) < self.min_sites:
+            self.recorder.log(f"round {absolute}: only {len(valid)} site(s) replied, fewer than --min-sites "
+                              f"{self.min_sites}; the global model is kept unchanged")
+            return None, None
+        arrays, metrics = super().aggregate_train(absolute, valid)
+        if arrays is None:
+            return arrays, metrics
+        plain = {k: v.numpy() for k, v in arrays.items()}
+        if isinstance(self, FedAdam):
+            # Adam moments make no sense for BatchNorm running statistics: average those plainly
+            averaged = _weighted_average(valid, self.weighted_by_key)
+            for key, value in self.reference.items():
+                if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    plain[key] = averaged[key]
+        # FedBN: norm layers are still averaged here (the saved global model needs some), but each
+        # client overwrites them with its own before training and evaluating
+        fixed = restore_dtypes(plain, self.reference)
+        return ArrayRecord({k: Array(v) for k, v in fixed.items()}), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = [r for r in replies if not r.has_error()]
+        replies.sort(key=lambda r: int(r.content["metrics"]["site-index"]))
+        self.recorder.record_evaluate(server_round + self.round_offset,
+                                      [dict(r.content["metrics"]) for r in replies])
+        if not replies:
+            return None
+        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+
+    # --- resume -------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Server-optimiser state (FedAdam moments) to store in the checkpoint."""
+        import torch
+
+        out = {}
+        for name in ("m_t", "v_t"):
+            value = getattr(self, name, None)
+            if value:
+                out[name] = {k: torch.from_numpy(np.asarray(v).copy()) for k, v in value.items()}
+        return out
+
+    def load_state(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, {k: v.numpy() for k, v in value.items()})
+
+
+def _weighted_average(replies: list[Message], key: str) -> dict[str, np.ndarray]:
+    weights = np.array([float(r.content["metrics"][key]) for r in replies])
+    weights = weights / weights.sum()
+    out: dict[str, np.ndarray] = {}
+    for w, r in zip(weights, replies):
+        for name, arr in r.content["arrays"].items():
+            out[name] = out.get(name, 0) + arr.numpy().astype(np.float64) * w
+    return out
+
+
+class FedginFedAvg(FedginMixin, FedAvg):
+    """FedAvg weighted by training slices (the paper's)."""
+
+
+class FedginFedProx(FedginMixin, FedProx):
+    """FedProx: clients add ``mu / 2 * ||w - w_global||^2`` (``proximal-mu`` sent each round)."""
+
+
+class FedginFedAdam(FedginMixin, FedAdam):
+    """FedAdam: server-side Adam on the averaged update (BatchNorm statistics averaged plainly)."""
+
+
+def make_strategy(name: str, *, num_sites: int, min_sites: int, recorder: RoundRecorder,
+                  reference: dict[str, np.ndarray], run_config_json: str, local_keys: frozenset[str] = frozenset(),
+                  proximal_mu: float = 0.01, server_lr: float = 0.01, round_offset: int = 0):
+    """A configured strategy; every site trains and evaluates each round."""
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_sites,
+                  min_evaluate_nodes=num_sites, min_available_nodes=num_sites,
+                  train_metrics_aggr_fn=nan_aware_metrics, evaluate_metrics_aggr_fn=nan_aware_metrics)
+    if name in ("fedavg", "fedbn"):
+        strategy = FedginFedAvg(**common)
+    elif name == "fedprox":
+        strategy = FedginFedProx(proximal_mu=proximal_mu, **common)
+    elif name == "fedadam":
+        strategy = FedginFedAdam(eta=server_lr, eta_l=server_lr, **common)
+    else:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES}")
+    strategy.recorder = recorder
+    strategy.reference = reference
+    strategy.run_config_json = run_config_json
+    strategy.min_sites = min_sites
+    strategy.round_offset = round_offset
+    strategy.local_keys = local_keys
+    return strategy

@@ -1,0 +1,79 @@
+"""Plots and markdown reports for a run dir (``metrics.jsonl``) and its evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .evaluate import summary_markdown  # noqa: E402
+from .labels import get_scheme  # noqa: E402
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(run: Path, out_png: Path | None = None) -> Path | None:
+    """Validation Dice (mean over organs) and training loss per round/epoch, one line per site."""
+    rows = read_metrics(run)
+    if not rows:
+        return None
+    step_key = "round" if "round" in rows[0] else "epoch"
+    fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for site in sorted({r["site"] for r in rows}):
+        site_rows = [r for r in rows if r["site"] == site]
+        modality = site_rows[0].get("modality", "?")
+        xs = [r[step_key] for r in site_rows]
+        dice = []
+        for r in site_rows:
+            vals = [v for v in (r.get("dice") or {}).values() if v is not None]
+            dice.append(sum(vals) / len(vals) if vals else float("nan"))
+        ax_dice.plot(xs, dice, marker="o", label=f"{site} ({modality})")
+        ax_loss.plot(xs, [r.get("loss", float("nan")) for r in site_rows], marker=".", label=f"{site} ({modality})")
+    ax_dice.set_xlabel(step_key)
+    ax_dice.set_ylabel("validation Dice (mean over organs)")
+    ax_dice.set_ylim(0, 1)
+    ax_loss.set_xlabel(step_key)
+    ax_loss.set_ylabel("training loss")
+    for ax in (ax_dice, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = out_png or Path(run) / "dice_per_round.png"
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def write_run_report(run: Path, eval_dir: Path | None, out_md: Path, title: str = "fedgin run",
+                     notes: list[str] | None = None) -> Path:
+    """A markdown report: settings, the per-organ per-modality table and the training curves."""
+    run = Path(run)
+    lines = [f"# {title}", ""]
+    lines += notes or []
+    config_path = run / "config.json"
+    if config_path.exists():
+        cfg = json.loads(config_path.read_text())
+        sites = ", ".join(f"{s['name']} ({s.get('modality') or 'auto'})" for s in cfg["sites"])
+        lines += [f"- sites: {sites}", f"- mode: {cfg['mode']}, strategy: {cfg.get('strategy')}, "
+                  f"rounds: {cfg.get('rounds')}, local epochs: {cfg.get('local_epochs')}",
+                  f"- GIN: {cfg['train']['gin']}, preset: {cfg['preset']}, seed: {cfg['seed']}", ""]
+    if eval_dir is not None and (Path(eval_dir) / "summary.json").exists():
+        summary = json.loads((Path(eval_dir) / "summary.json").read_text())
+        scheme = get_scheme(summary["scheme"]["name"])
+        table = summary_markdown(summary, scheme, title="Test-set evaluation")
+        lines += [line.replace("# ", "## ", 1) if line.startswith("# ") else line for line in table.splitlines()]
+        lines.append("")
+    png = plot_training_curves(run, out_md.parent / "dice_per_round.png")
+    if png is not None:
+        lines += ["## Training curves", "", f"![Dice per round]({png.name})", ""]
+    out_md.write_text("\n".join(lines) + "\n")
+    return out_md
