@@ -79,7 +79,7 @@ def load_case(
                 geometry = Geometry.from_dict(json.loads(str(data["geometry"])))
                 label = data["label"] if data["has_label"] else None
                 return Preprocessed(image=data["image"], label=label, geometry=geometry)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):  # EOFError: empty file
             path.unlink(missing_ok=True)  # damaged entry: recompute below
     image, label, affine = case.read(scheme)
     result = preprocess(image, affine, case.modality, cfg, label)

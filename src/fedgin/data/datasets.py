@@ -146,9 +146,14 @@ def _scheme_lut(labels: dict, scheme: LabelScheme, where: Path) -> tuple[tuple[i
         if isinstance(value, (list, tuple)):
             raise DataError(where, f"region-based label {name!r} is not supported")
         try:
-            ids[int(value)] = str(name)
+            source_id = int(value)
         except (TypeError, ValueError):
             raise DataError(where, f"label {name!r} has non-integer id {value!r}") from None
+        if source_id < 0:  # would index the LUT from its end
+            raise DataError(where, f"label {name!r} has negative id {source_id}")
+        if source_id in ids:
+            raise DataError(where, f"labels {ids[source_id]!r} and {name!r} share id {source_id}")
+        ids[source_id] = str(name)
     if ids.get(0, "").lower() != "background":
         raise DataError(where, "labels must map 'background' to 0")
     lut = [-1] * (max(ids) + 1)
@@ -262,7 +267,11 @@ def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
     if not dataset.cases:
         raise DataError(images_dir, f"no images named *_0000{ending}")
     n = meta.get("numTraining")
-    if n is not None and int(n) != len(dataset.cases):
+    try:
+        n = None if n is None else int(n)
+    except (TypeError, ValueError):
+        raise DataError(meta_path, f"numTraining must be an integer, got {n!r}") from None
+    if n is not None and n != len(dataset.cases):
         raise DataError(meta_path, f"numTraining is {n} but imagesTr holds {len(dataset.cases)} cases")
     return dataset
 

@@ -1,0 +1,165 @@
+"""Shared fixtures: small real NIfTI datasets written to ``tmp_path``, the shared real bundle, and
+an isolated preprocessing cache.
+
+Fixtures (all function-scoped):
+- ``make_nnunet(name="Dataset001_Site", **options) -> Path``: writes an nnU-Net v2 raw dataset
+  (``dataset.json``, ``imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz``, optional
+  ``imagesTs/``, optional ``manifest.json``) of small phantom volumes; see :func:`write_nnunet`.
+- ``phantom``: :func:`phantom_case`, image + label arrays with one box per organ.
+- ``shared_data``: ``../shared/data/abdomen-ct-mr`` beside the checkout, or the test is skipped.
+- ``FEDGIN_CACHE_DIR`` points at a fresh temporary folder in every test (autouse), so no test reads
+  or writes ``~/.cache/fedgin``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedgin.data.nifti import write_volume
+
+#: The label map of the shared bundle and of most fixtures: source id per structure name.
+ABDOMEN_LABELS: dict[str, int] = {
+    "background": 0,
+    "liver": 1,
+    "kidney_right": 2,
+    "kidney_left": 3,
+    "spleen": 4,
+    "pancreas": 5,
+    "gallbladder": 6,
+}
+
+#: Default volume: 24 x 20 voxels in-plane, 6 slices.
+SHAPE: tuple[int, int, int] = (24, 20, 6)
+
+#: Voxel boxes (x0, x1, y0, y1, z0, z1) per fine organ, non-overlapping and inside ``SHAPE``.
+ORGAN_BOXES: dict[str, tuple[int, int, int, int, int, int]] = {
+    "liver": (2, 10, 2, 10, 1, 5),
+    "kidney_right": (2, 6, 12, 17, 1, 4),
+    "kidney_left": (18, 22, 12, 17, 1, 4),
+    "spleen": (16, 22, 2, 8, 2, 5),
+    "pancreas": (9, 16, 11, 13, 2, 4),
+    "gallbladder": (11, 14, 4, 7, 2, 3),
+    "stomach": (11, 16, 15, 19, 0, 2),  # a structure sources label but no scheme segments
+}
+
+#: Mean intensity per organ: CT in HU, MRI in arbitrary units.
+_CT_VALUES = {"background": -80.0, "liver": 60.0, "kidney_right": 150.0, "kidney_left": 150.0,
+              "spleen": 45.0, "pancreas": 35.0, "gallbladder": 10.0, "stomach": 20.0}
+_MRI_VALUES = {"background": 40.0, "liver": 300.0, "kidney_right": 650.0, "kidney_left": 650.0,
+               "spleen": 500.0, "pancreas": 350.0, "gallbladder": 800.0, "stomach": 200.0}
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abdomen-ct-mr"
+
+
+def phantom_case(
+    shape: tuple[int, int, int] = SHAPE,
+    *,
+    modality: str = "CT",
+    organs: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An int16 image and a uint8 label of ``shape``: one box per organ in ``organs``.
+
+    ``organs`` maps a box name of :data:`ORGAN_BOXES` to the label value painted there (default:
+    the six organs with their :data:`ABDOMEN_LABELS` ids). Boxes are clipped to ``shape``; with
+    ``organs`` holding scheme ids the label is the expected result of mapping a source label.
+    """
+    if organs is None:
+        organs = {o: i for o, i in ABDOMEN_LABELS.items() if o in ORGAN_BOXES}
+    values = _CT_VALUES if modality == "CT" else _MRI_VALUES
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, dtype=np.uint8)
+    image = np.full(shape, values["background"], dtype=np.float64)
+    for box_name, value in organs.items():
+        x0, x1, y0, y1, z0, z1 = ORGAN_BOXES[box_name]
+        region = (slice(x0, x1), slice(y0, y1), slice(z0, z1))
+        label[region] = value
+        image[region] = values.get(box_name, 100.0)
+    image += rng.normal(0.0, 8.0, size=shape)
+    if modality != "CT":
+        image = np.clip(image, 0, None)
+    return np.round(image).astype(np.int16), label
+
+
+def write_nnunet(
+    root: Path,
+    cases: Iterable[str] | Mapping[str, Mapping[str, int] | None] = ("case_000", "case_001"),
+    *,
+    labels: Mapping[str, int] = ABDOMEN_LABELS,
+    modality: str = "CT",
+    affine: np.ndarray | None = None,
+    shape: tuple[int, int, int] = SHAPE,
+    manifest: Mapping[str, list[str]] | None = None,
+    test_cases: Iterable[str] = (),
+    num_training: int | None | str = "auto",
+) -> Path:
+    """Write an nnU-Net v2 raw dataset exactly as nnU-Net lays it out; return ``root``.
+
+    ``cases`` names the training cases, or maps each to the ``organs`` painted in its label
+    (box name -> label value; ``None``: every organ of ``labels`` that has a box). ``manifest``
+    (case -> annotated structure names) writes ``manifest.json`` next to ``dataset.json``.
+    ``num_training="auto"`` writes the true count, ``None`` leaves the key out.
+    """
+    root = Path(root)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0]) if affine is None else np.asarray(affine, dtype=float)
+    if not isinstance(cases, Mapping):
+        cases = {c: None for c in cases}
+    default_organs = {name: i for name, i in labels.items() if name in ORGAN_BOXES}
+    for n, (case, organs) in enumerate(cases.items()):
+        image, label = phantom_case(shape, modality=modality, seed=n,
+                                    organs=default_organs if organs is None else organs)
+        write_volume(root / "imagesTr" / f"{case}_0000.nii.gz", image, affine)
+        write_volume(root / "labelsTr" / f"{case}.nii.gz", label, affine)
+    for n, case in enumerate(test_cases):
+        image, _ = phantom_case(shape, modality=modality, seed=100 + n, organs=default_organs)
+        write_volume(root / "imagesTs" / f"{case}_0000.nii.gz", image, affine)
+    meta = {
+        "name": root.name,
+        "channel_names": {"0": modality},
+        "labels": dict(labels),
+        "file_ending": ".nii.gz",
+    }
+    if num_training is not None:
+        meta["numTraining"] = len(cases) if num_training == "auto" else num_training
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    if manifest is not None:
+        entries = [{"case": case, "annotated": list(names)} for case, names in manifest.items()]
+        (root / "manifest.json").write_text(json.dumps({"cases": entries}, indent=2))
+    return root
+
+
+@pytest.fixture
+def phantom() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """:func:`phantom_case`."""
+    return phantom_case
+
+
+@pytest.fixture
+def make_nnunet(tmp_path: Path) -> Callable[..., Path]:
+    """``make_nnunet(name="Dataset001_Site", **options)``: :func:`write_nnunet` under ``tmp_path``."""
+
+    def make(name: str = "Dataset001_Site", **options) -> Path:
+        return write_nnunet(tmp_path / name, **options)
+
+    return make
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared real bundle (two nnU-Net datasets, 23 cases); skipped where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared real data bundle not found at {SHARED_DATA}; it sits beside the checkout in CI")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty ``FEDGIN_CACHE_DIR``; ``~/.cache`` is never touched."""
+    cache = tmp_path_factory.mktemp("fedgin-cache")
+    monkeypatch.setenv("FEDGIN_CACHE_DIR", str(cache))
+    return cache

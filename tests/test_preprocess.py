@@ -1,0 +1,264 @@
+"""Preprocessing and its inverse: RAS reorientation, intensity normalisation, pad/crop, and a
+prediction that lands exactly on the input's voxel grid (shape and affine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHAPE, phantom_case
+from fedgin.data.nifti import read_volume, write_volume
+from fedgin.data.preprocess import (
+    Geometry,
+    PreprocessConfig,
+    labels_to_original,
+    normalise_intensity,
+    preprocess,
+    probabilities_to_original,
+)
+
+NUM_CLASSES = 7  # background + the six source ids of the phantom
+
+
+def _rotation(degrees: float, axis=(1.0, 2.0, 3.0)) -> np.ndarray:
+    """Rotation about ``axis`` (Rodrigues); small angles keep each voxel axis nearest its world axis."""
+    k = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    t = np.radians(degrees)
+    return np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx
+
+
+class Grid:
+    """A voxel grid: voxel axis ``a`` points (up to ``degrees`` of obliquity) along world axis
+    ``world[a]`` (0 R, 1 A, 2 S) with sign ``sign[a]`` and spacing ``spacing[a]`` mm."""
+
+    def __init__(self, name, world, sign, spacing, degrees=0.0, shape=SHAPE):
+        self.name, self.world, self.sign, self.spacing, self.shape = name, world, sign, spacing, shape
+        m = np.zeros((3, 3))
+        for a in range(3):
+            m[world[a], a] = sign[a] * spacing[a]
+        self.affine = np.eye(4)
+        self.affine[:3, :3] = _rotation(degrees) @ m if degrees else m
+        self.affine[:3, 3] = (-31.5, 17.25, -102.0)
+
+    def axis_for(self, ras_axis: int) -> int:
+        return self.world.index(ras_axis)
+
+    @property
+    def in_plane_spacing(self) -> tuple[float, float]:
+        return (self.spacing[self.axis_for(0)], self.spacing[self.axis_for(1)])
+
+    def ras_index(self, ras_axis: int) -> np.ndarray:
+        """Index along RAS axis ``ras_axis`` of every voxel of the grid (shape ``self.shape``)."""
+        a = self.axis_for(ras_axis)
+        idx = np.indices(self.shape)[a]
+        return idx if self.sign[a] > 0 else self.shape[a] - 1 - idx
+
+    def kept(self, slice_size: tuple[int, int]) -> np.ndarray:
+        """Voxels that survive a centre crop of each RAS axial plane to ``slice_size``."""
+        keep = np.ones(self.shape, dtype=bool)
+        for r, target in enumerate(slice_size):
+            n = self.shape[self.axis_for(r)]
+            start = max(0, (n - target + 1) // 2)  # centre crop, the odd voxel cut at the far end
+            idx = self.ras_index(r)
+            keep &= (idx >= start) & (idx < start + target)
+        return keep
+
+
+GRIDS = {
+    "LPS": Grid("LPS", world=(0, 1, 2), sign=(-1, -1, 1), spacing=(1.5, 1.5, 3.0)),
+    "oblique": Grid("oblique", world=(0, 1, 2), sign=(1, 1, 1), spacing=(0.9, 1.4, 4.0), degrees=17.0),
+    # sagittal-like: voxel axes point A, S, L; oblique too
+    "oblique-permuted": Grid("oblique-permuted", world=(1, 2, 0), sign=(1, -1, -1), spacing=(0.9, 1.4, 4.0),
+                             degrees=-11.0),
+}
+
+
+def _written_case(tmp_path: Path, grid: Grid, modality: str = "CT"):
+    """Image and label written as NIfTI and read back, as every real input arrives."""
+    image, label = phantom_case(grid.shape, modality=modality)
+    write_volume(tmp_path / "image.nii.gz", image, grid.affine)
+    write_volume(tmp_path / "label.nii.gz", label, grid.affine)
+    image, affine = read_volume(tmp_path / "image.nii.gz", kind="image")
+    label, label_affine = read_volume(tmp_path / "label.nii.gz", kind="label")
+    assert np.array_equal(affine, label_affine)
+    return image, label, affine
+
+
+def test_grids_have_the_intended_orientation():
+    assert "".join(nib.aff2axcodes(GRIDS["LPS"].affine)) == "LPS"
+    assert "".join(nib.aff2axcodes(GRIDS["oblique"].affine)) == "RAS"
+    assert "".join(nib.aff2axcodes(GRIDS["oblique-permuted"].affine)) == "AIL"
+    off_axis = np.abs(GRIDS["oblique"].affine[:3, :3]) > 1e-6
+    assert off_axis.all()  # truly oblique: every column has components on all three world axes
+
+
+@pytest.mark.parametrize("slice_size", [(32, 32), (48, 40), (16, 16), (32, 16)], ids=["pad", "pad-more", "crop",
+                                                                                     "pad-and-crop"])
+@pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))
+def test_label_round_trip_is_exact(tmp_path, grid, slice_size):
+    image, label, affine = _written_case(tmp_path, grid)
+    cfg = PreprocessConfig(spacing_mm=grid.in_plane_spacing, slice_size=slice_size)
+
+    pre = preprocess(image, affine, "CT", cfg, label)
+    n_ras = [grid.shape[grid.axis_for(r)] for r in range(3)]
+    assert pre.image.shape == pre.label.shape == (n_ras[2], *slice_size)
+    assert pre.geometry.original_shape == grid.shape
+    assert np.array_equal(np.array(pre.geometry.original_affine), affine)
+
+    back = labels_to_original(pre.label, pre.geometry, NUM_CLASSES)
+
+    assert back.shape == grid.shape and back.dtype == np.uint8
+    kept = grid.kept(slice_size)
+    assert np.array_equal(back, np.where(kept, label, 0))
+    if slice_size == (32, 32) or slice_size == (48, 40):
+        assert kept.all()
+    else:
+        assert kept.sum() < label.size
+
+    # a prediction written with the geometry's affine re-reads onto the input grid exactly
+    out = write_volume(tmp_path / "pred" / "case.nii.gz", back, np.array(pre.geometry.original_affine),
+                       dtype=np.uint8)
+    pred, pred_affine = read_volume(out, kind="label")
+    assert pred.shape == grid.shape
+    assert np.array_equal(pred_affine, affine)
+    assert np.array_equal(pred, back)
+
+
+def test_cropped_away_region_is_background_in_probabilities(tmp_path):
+    grid = GRIDS["LPS"]
+    image, label, affine = _written_case(tmp_path, grid)
+    pre = preprocess(image, affine, "CT", PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(16, 16)), label)
+    probs = torch.rand(NUM_CLASSES, *pre.label.shape, generator=torch.Generator().manual_seed(0)).softmax(0)
+
+    back = probabilities_to_original(probs, pre.geometry)
+
+    assert back.shape == (NUM_CLASSES, *grid.shape)
+    outside = ~grid.kept((16, 16))
+    assert torch.equal(back[0][torch.from_numpy(outside)], torch.ones(int(outside.sum())))
+    assert torch.equal(back[1:, torch.from_numpy(outside)], torch.zeros(NUM_CLASSES - 1, int(outside.sum())))
+    assert torch.allclose(back.sum(0), torch.ones(grid.shape))
+
+
+@pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))
+def test_resampled_round_trip_keeps_shape_and_a_uniform_label(tmp_path, grid):
+    image, _, affine = _written_case(tmp_path, grid)
+    label = np.full(grid.shape, 3, dtype=np.uint8)
+    pre = preprocess(image, affine, "CT", PreprocessConfig(spacing_mm=(2.5, 2.5), slice_size=(32, 32)), label)
+    assert pre.geometry.resampled_shape != tuple(grid.shape[grid.axis_for(r)] for r in range(2))
+
+    back = labels_to_original(pre.label, pre.geometry, NUM_CLASSES)
+
+    assert back.shape == grid.shape
+    assert np.array_equal(back, label)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MRI"])
+def test_lps_and_ras_copies_of_one_anatomy_preprocess_identically(tmp_path, modality):
+    image, label = phantom_case(SHAPE, modality=modality)
+    ras_affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    ras_affine[:3, 3] = (-20.0, 10.0, 5.0)
+    # the same voxels stored with x and y reversed: an LPS grid covering the same space
+    lps_affine = ras_affine @ np.array([[-1, 0, 0, SHAPE[0] - 1], [0, -1, 0, SHAPE[1] - 1], [0, 0, 1, 0],
+                                        [0, 0, 0, 1]], dtype=float)
+    assert "".join(nib.aff2axcodes(lps_affine)) == "LPS"
+    cfg = PreprocessConfig(spacing_mm=(2.5, 2.5), slice_size=(32, 32))
+    write_volume(tmp_path / "ras.nii.gz", image, ras_affine)
+    write_volume(tmp_path / "lps.nii.gz", image[::-1, ::-1, :], lps_affine)
+    ras_image, ras_aff = read_volume(tmp_path / "ras.nii.gz")
+    lps_image, lps_aff = read_volume(tmp_path / "lps.nii.gz")
+
+    ras = preprocess(ras_image, ras_aff, modality, cfg, label)
+    lps = preprocess(lps_image, lps_aff, modality, cfg, np.ascontiguousarray(label[::-1, ::-1, :]))
+
+    assert np.array_equal(ras.image, lps.image)
+    assert np.array_equal(ras.label, lps.label)
+    assert ras.label.max() == 6  # the organs survived resampling
+
+
+def test_geometry_survives_json():
+    image, label = phantom_case(SHAPE)
+    grid = GRIDS["oblique-permuted"]
+    geometry = preprocess(image.astype(np.float32), grid.affine, "CT", PreprocessConfig(), label).geometry
+
+    assert Geometry.from_dict(json.loads(json.dumps(geometry.to_dict()))) == geometry
+
+
+# --- intensity --------------------------------------------------------------------------------
+
+
+def test_ct_window_maps_soft_tissue_hu_to_unit_range():
+    hu = np.array([-3000.0, -1000.0, -125.0, -25.0, 75.0, 275.0, 276.0, 3000.0], dtype=np.float32)
+
+    out = normalise_intensity(hu, "CT", PreprocessConfig())
+
+    assert out.dtype == np.float32
+    assert out.tolist() == [0.0, 0.0, 0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_ct_window_follows_the_config():
+    hu = np.array([-160.0, -60.0, 240.0], dtype=np.float32)
+    out = normalise_intensity(hu, "CT", PreprocessConfig(ct_window_hu=(-160.0, 240.0)))
+    assert out.tolist() == [0.0, 0.25, 1.0]
+
+
+def test_ct_volume_preprocesses_into_unit_range_with_padding_zero():
+    image = np.linspace(-1200.0, 2000.0, num=int(np.prod(SHAPE)), dtype=np.float32).reshape(SHAPE)
+    cfg = PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(32, 32))
+
+    out = preprocess(image, np.diag([1.5, 1.5, 3.0, 1.0]), "CT", cfg).image
+
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
+    assert np.array_equal(out[:, 4:28, 6:26], normalise_intensity(image, "CT", cfg).transpose(2, 0, 1))
+    assert not out[:, :4].any() and not out[:, :, :6].any()
+
+
+def _mri_like(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = np.zeros(SHAPE, dtype=np.float32)  # air
+    image[2:22, 2:18] = rng.gamma(2.0, 150.0, size=(20, 16, SHAPE[2]))
+    image[5, 5, 2] = 50_000.0  # one hot spot the upper percentile must clip
+    return image
+
+
+def test_mri_percentiles_map_to_unit_range():
+    image = _mri_like()
+    cfg = PreprocessConfig()
+
+    out = normalise_intensity(image, "MRI", cfg)
+
+    foreground = image[image > 0]
+    lo, hi = np.percentile(foreground, [0.5, 99.5])
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
+    assert np.all(out[image >= hi] == 1.0) and np.all(out[image <= lo] == 0.0)
+    np.testing.assert_allclose(out, np.clip((image - lo) / (hi - lo), 0, 1), rtol=0, atol=1e-6)
+    assert out[5, 5, 2] == 1.0
+
+
+@pytest.mark.parametrize("scale", [7.0, 0.01, 1000.0])
+def test_mri_normalisation_is_scale_invariant(scale):
+    image = _mri_like()
+    cfg = PreprocessConfig()
+
+    np.testing.assert_allclose(normalise_intensity(image * np.float32(scale), "MRI", cfg),
+                               normalise_intensity(image, "MRI", cfg), rtol=0, atol=1e-6)
+    affine = np.diag([1.25, 1.25, 7.7, 1.0])
+    ps = PreprocessConfig(spacing_mm=(2.5, 2.5), slice_size=(16, 16))
+    np.testing.assert_allclose(preprocess(image * np.float32(scale), affine, "MRI", ps).image,
+                               preprocess(image, affine, "MRI", ps).image, rtol=0, atol=1e-6)
+
+
+def test_constant_mri_does_not_divide_by_zero():
+    out = normalise_intensity(np.full(SHAPE, 42.0, dtype=np.float32), "MRI", PreprocessConfig())
+    assert np.all(np.isfinite(out)) and out.max() == 0.0
+
+
+def test_preprocess_config_round_trips_through_a_dict():
+    cfg = PreprocessConfig(spacing_mm=(1.25, 2.0), slice_size=(96, 128))
+    assert cfg.to_dict()["slice_size"] == [96, 128]
+    assert PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
