@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
@@ -202,6 +202,7 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
     return rot_z @ rot_y @ rot_x
 
 
+# axis code -> (RAS axis, sign): "L" is world -x, since RAS+ x grows toward the patient's right
 _AXIS_DIRECTIONS = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
 
@@ -232,7 +233,8 @@ class _Grid:
 
     def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
         """Voxel slices covering the patient-frame box ``lo..hi`` (mm); None if it misses the grid."""
-        corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                            for z in (lo[2], hi[2])])
         ijk = (np.linalg.inv(self.to_patient) @ corners.T)[:3]
         start = np.maximum(np.floor(ijk.min(axis=1)).astype(int), 0)
         stop = np.minimum(np.ceil(ijk.max(axis=1)).astype(int) + 1, self.shape)
@@ -265,9 +267,9 @@ class _Blob:
     bump_kappas: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def local(self, x, y, z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d = (x - np.float32(self.centre[0]), y - np.float32(self.centre[1]), z - np.float32(self.centre[2]))
-        ax = self.axes.astype(np.float32)
-        return tuple((ax[0, j] * d[0] + ax[1, j] * d[1] + ax[2, j] * d[2]) / np.float32(self.radii[j]) for j in range(3))
+        c, ax, r = self.centre.astype(np.float32), self.axes.astype(np.float32), self.radii.astype(np.float32)
+        d = (x - c[0], y - c[1], z - c[2])
+        return tuple((ax[0, j] * d[0] + ax[1, j] * d[1] + ax[2, j] * d[2]) / r[j] for j in range(3))
 
     def level(self, x, y, z) -> np.ndarray:
         """< 1 inside, 1 on the surface; shells such as a renal cortex are level bands."""
@@ -299,7 +301,8 @@ class _Tube:
             seg = q - p
             t = ((x - p[0]) * seg[0] + (y - p[1]) * seg[1] + (z - p[2]) * seg[2]) / np.float32(seg @ seg)
             t = np.clip(t, 0, 1)
-            dist = np.sqrt((x - p[0] - t * seg[0]) ** 2 + (y - p[1] - t * seg[1]) ** 2 + (z - p[2] - t * seg[2]) ** 2)
+            dx, dy, dz = x - p[0] - t * seg[0], y - p[1] - t * seg[1], z - p[2] - t * seg[2]
+            dist = np.sqrt(dx * dx + dy * dy + dz * dz)
             lev = dist / (np.float32(r0) + t * np.float32(r1 - r0))
             best = lev if best is None else np.minimum(best, lev)
         return best
@@ -427,12 +430,13 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         muscle=rng.uniform(9.0, 14.0),
     )
     sx, sy = a / 138.0, b / 98.0  # organ positions follow the body size
-    grow = np.exp(rng.normal(0.0, 0.06))  # organ size follows it loosely
+    grow = np.sqrt(sx * sy) ** 0.5 * np.exp(rng.normal(0.0, 0.06))  # organ size follows it loosely
     spine_r = rng.uniform(17.0, 21.0)
     spine_y = -body.b_post + rng.uniform(52.0, 60.0) * sy
     aorta_r = rng.uniform(9.5, 12.5)
     aorta = (rng.uniform(-20.0, -12.0), spine_y + spine_r + aorta_r + rng.uniform(1.0, 5.0), aorta_r)
-    ivc = (rng.uniform(20.0, 28.0), spine_y + spine_r + rng.uniform(4.0, 10.0), rng.uniform(10.0, 13.0), rng.uniform(7.0, 10.0))
+    ivc = (rng.uniform(20.0, 28.0), spine_y + spine_r + rng.uniform(4.0, 10.0),
+           rng.uniform(10.0, 13.0), rng.uniform(7.0, 10.0))
 
     g = grow
     organs: dict[str, _Blob | _Tube] = {
@@ -564,7 +568,8 @@ def _paint(anatomy: _Anatomy, grid: _Grid, *, table: bool) -> tuple[np.ndarray, 
         erector = ((ax - 34.0) / 22.0) ** 2 + ((by - (yv - rv - 30.0)) / 17.0) ** 2 < 1
         quadratus = (((ax - 58.0) / 14.0) ** 2 + ((by - (yv - 14.0)) / 9.0) ** 2 < 1) & (bz < 10)
         psoas_r = np.clip(6.0 + 0.16 * (30.0 - bz), 0.0, 22.0)
-        psoas = ((ax - (rv + 10.0 + 0.5 * psoas_r)) ** 2 + ((by - (yv + 4.0)) / 0.85) ** 2 < psoas_r**2) & (bz < 40)
+        psoas = (ax - (rv + 10.0 + 0.5 * psoas_r)) ** 2 + ((by - (yv + 4.0)) / 0.85) ** 2 < psoas_r**2
+        psoas &= bz < 40
         canvas.paint(box, (erector | quadratus | psoas) & (body.level(bx, by, bz) < 1), _T.MUSCLE)
 
     # stomach (gas rises anteriorly in a supine patient) and duodenum
@@ -597,7 +602,8 @@ def _paint(anatomy: _Anatomy, grid: _Grid, *, table: bool) -> tuple[np.ndarray, 
 
     box, c = canvas.region(organs["spleen"])
     if box is not None:
-        inside = (organs["spleen"].level(*c) < 1) & (anatomy.notches["spleen"].level(*c) >= 1) & canvas.cavity[box]
+        inside = organs["spleen"].level(*c) < 1
+        inside &= (anatomy.notches["spleen"].level(*c) >= 1) & canvas.cavity[box]
         canvas.paint(box, inside, _T.SPLEEN, labels["spleen"])
 
     box, c = canvas.region(organs["gallbladder"])
@@ -615,7 +621,8 @@ def _paint(anatomy: _Anatomy, grid: _Grid, *, table: bool) -> tuple[np.ndarray, 
         canvas.paint(box, inside, _T.KIDNEY_CORTEX, labels[side])
         canvas.paint(box, inside & (lev < 0.72), _T.KIDNEY_MEDULLA)
         q = kidney.local(*c)
-        canvas.paint(box, inside & (lev < 0.6) & (q[0] < -0.15) & (np.abs(q[2]) < 0.35), _T.FLUID)  # renal pelvis
+        pelvis = inside & (lev < 0.6) & (q[0] < -0.15) & (np.abs(q[2]) < 0.35)  # toward the hilum
+        canvas.paint(box, pelvis, _T.FLUID)
 
     # portal vein: liver where it runs inside the liver, background outside any organ
     box, c = canvas.region(anatomy.portal_vein)
@@ -626,7 +633,8 @@ def _paint(anatomy: _Anatomy, grid: _Grid, *, table: bool) -> tuple[np.ndarray, 
 
     box, c = canvas.region(organs["pancreas"])
     if box is not None:
-        canvas.paint(box, (organs["pancreas"].level(*c) < 1) & canvas.cavity[box], _T.PANCREAS, labels["pancreas"])
+        inside = (organs["pancreas"].level(*c) < 1) & canvas.cavity[box]
+        canvas.paint(box, inside, _T.PANCREAS, labels["pancreas"])
 
     # great vessels and spine override everything
     box = grid.box(np.array([-60.0, yv - 60.0, -300.0]), np.array([60.0, yv + 60.0, 300.0]))
@@ -667,7 +675,8 @@ def _pose(rng: np.random.Generator) -> np.ndarray:
     return pose
 
 
-def _grid(rng, body: _Body, pose: np.ndarray, axcodes: str, spacing, shape, oblique: np.ndarray | None) -> _Grid:
+def _grid(rng, body: _Body, pose: np.ndarray, axcodes: str, spacing, shape,
+          oblique: np.ndarray | None) -> _Grid:
     """A grid of ``shape`` voxels of ``spacing`` mm, centred near the upper abdomen."""
     direction = _direction_matrix(axcodes)
     if oblique is not None:
@@ -693,7 +702,8 @@ def _ct_grid(rng, body: _Body) -> _Grid:
 def _mri_grid(rng, body: _Body) -> _Grid:
     """128 x 112 rectangular FOV, 1.6-2.6 mm in-plane, 7.5 mm slices, RAS order, 3-5 deg oblique."""
     shape = (128, 112, int(rng.integers(22, 27)))
-    spacing_xy = max(rng.uniform(1.6, 2.6), (2 * body.a + 24.0) / shape[0], (body.b_ant + body.b_post + 24.0) / shape[1])
+    fits = max((2 * body.a + 24.0) / shape[0], (body.b_ant + body.b_post + 24.0) / shape[1])
+    spacing_xy = max(rng.uniform(1.6, 2.6), fits)  # the FOV always covers the body
     axis = rng.standard_normal(3)
     axis /= np.linalg.norm(axis)
     angle = np.deg2rad(rng.uniform(3.0, 5.0))
@@ -723,7 +733,8 @@ def _render_ct(tissue: np.ndarray, grid: _Grid, rng: np.random.Generator) -> np.
     table = np.array([_CT_HU[t] for t in _Tissue], dtype=np.float64)
     mean = table[:, 0] + uptake * (table[:, 1] - table[:, 0]) + rng.normal(0.0, 5.0, _N_TISSUES)
     mean[_T.AIR] = -1000.0
-    image = mean.astype(np.float32)[tissue] + table[:, 2].astype(np.float32)[tissue] * _texture(rng, grid.shape, spacing)
+    image = mean.astype(np.float32)[tissue]
+    image += table[:, 2].astype(np.float32)[tissue] * _texture(rng, grid.shape, spacing)
     image = _blur(image, spacing)
     image += rng.normal(0.0, rng.uniform(10.0, 20.0), grid.shape).astype(np.float32)
     return np.clip(np.rint(image), -1024, 3071).astype(np.float32)
@@ -778,7 +789,7 @@ def make_phantom(seed: int, modality: str, *, case_id: str | None = None) -> Pha
         case_id: defaults to ``phantom_ct_s{seed}`` / ``phantom_mr_s{seed}``.
 
     Returns:
-        CT: about 150-190 x 150-190 x 30-36 voxels of 1.8-2.2 x 1.8-2.2 x 5 mm, ``LPS``, HU.
+        CT: about 130-200 (typically ~160) squared x 30-36 voxels of 1.8-2.2 x 1.8-2.2 x 5 mm, ``LPS``, HU.
         MRI: 128 x 112 x 22-26 voxels of 1.6-2.6 x 1.6-2.6 x 7.5 mm, ``RAS`` tilted 3-5 degrees,
         T2-like arbitrary units.
     """
@@ -828,7 +839,8 @@ def _check_replaceable(target: Path) -> None:
         raise DataError(target, "exists and is not a fedgin phantom dataset; refusing to overwrite it")
 
 
-def _write_dataset(root: Path, name: str, modality: str, n: int, seed: int, annotated: tuple[str, ...]) -> None:
+def _write_dataset(root: Path, name: str, modality: str, n: int, seed: int,
+                   annotated: tuple[str, ...]) -> None:
     prefix = "phantom_ct" if modality == "CT" else "phantom_mr"
     entries = []
     for index in range(n):
@@ -859,7 +871,8 @@ def _write_dataset(root: Path, name: str, modality: str, n: int, seed: int, anno
         })
     channel = "CT" if modality == "CT" else "MRI"
     partial = "" if annotated == ORGANS else (
-        f" Only {', '.join(annotated)} are annotated; the other organs are unknown (stored as 0), see manifest.json."
+        f" Only {', '.join(annotated)} are annotated; the other organs are unknown"
+        " (stored as 0), see manifest.json."
     )
     _write_json(root / "dataset.json", {
         "name": name,
