@@ -15,7 +15,7 @@ from .evaluate import evaluate
 from .labels import get_scheme
 from .report import write_run_report
 
-DEMO_ROUNDS = 8
+DEMO_ROUNDS = 13
 
 
 def run_demo(out: Path, *, seed: int = 0, rounds: int | None = None, log=print) -> Path:
@@ -39,7 +39,7 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int | None = None, log=print) 
     log("2/4 federated training with GIN on Flower's simulation engine (one SuperNode per site) ...")
     cfg = resolve("quick", command="demo", out=str(out / "run"),
                   sites=(SiteSpec("ct-hospital", str(ct)), SiteSpec("mri-hospital", str(mri))),
-                  train_overrides={"gin": True, "steps_per_epoch": 30}, seed=seed,
+                  train_overrides={"gin": True, "steps_per_epoch": 100}, seed=seed,
                   cache_dir=str(out / "cache"), rounds=rounds or DEMO_ROUNDS, local_epochs=1)
     federate(cfg, log=log)
     log("3/4 evaluating the global model on the held-out test cases of both sites ...")
