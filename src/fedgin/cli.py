@@ -86,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proximal-mu", type=float, help="FedProx proximal weight (default 0.01)")
     p.add_argument("--min-sites", type=int, help="finish a round when at least this many sites replied")
 
+    p = sub.add_parser("experiment", help="the paper's comparison grid: scenarios x methods x seeds, and its report")
+    p.add_argument("--site", action="append", type=_site, required=True, metavar="NAME=DATASET",
+                   help="one CT site and one MRI site")
+    p.add_argument("--scenario", default="complete",
+                   help="comma-separated: complete, limited-1to1, limited-1to2, limited-1to5")
+    p.add_argument("--methods", default="local-ct,local-ct+gin,local-mri,centralized,fedavg,fedgin",
+                   help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin (each may add +gin)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="quick", choices=["quick", "paper"])
+    p.add_argument("--rounds", type=int, help="rounds (local/centralized: rounds x local epochs epochs)")
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--split")
+    p.add_argument("--cache-dir")
+
+    p = sub.add_parser("report", help="(re)draw tables and plots for a run, an evaluation or an experiment")
+    p.add_argument("dir")
+
     p = sub.add_parser("evaluate", help="per-case 3D Dice and HD95 per organ and modality")
     p.add_argument("--model", required=True, help="run dir or checkpoint file")
     p.add_argument("--data", nargs="+", required=True, help="dataset folders")
@@ -199,6 +218,59 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    import json
+    import platform
+    import shlex
+    import time
+
+    from .experiment import run_experiment
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scenarios = [s for s in args.scenario.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    meta = {"command": "fedgin " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"}
+    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
+    report = run_experiment(list(args.site), scenarios, methods, args.seeds, out, preset=args.preset,
+                            rounds=args.rounds, local_epochs=args.local_epochs,
+                            steps_per_epoch=args.steps_per_epoch, split_file=args.split, cache_dir=args.cache_dir)
+    meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
+    meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, args.seeds
+    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
+    from .experiment import write_results
+
+    report = write_results(out, scenarios, methods, args.seeds)
+    print(f"wrote {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from .errors import FedginError
+    from .report import write_run_report
+
+    path = Path(args.dir)
+    if (path / "experiment.json").exists():
+        from .experiment import write_results
+
+        meta = json.loads((path / "experiment.json").read_text())
+        report = write_results(path, meta["scenarios"], meta["methods"], meta["seeds"])
+    elif (path / "config.json").exists():
+        eval_dir = path / "eval" if (path / "eval" / "summary.json").exists() else None
+        report = write_run_report(path, eval_dir, path / "report.md", title=f"fedgin run {path.name}")
+    elif (path / "run" / "config.json").exists():  # a demo dir
+        report = write_run_report(path / "run", path / "eval", path / "report.md", title="fedgin demo")
+    else:
+        raise FedginError(f"{path}: not a run dir, demo dir or experiment dir")
+    print(f"wrote {report}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -213,6 +285,8 @@ COMMANDS = {
     "predict": cmd_predict,
     "phantoms": cmd_phantoms,
     "demo": cmd_demo,
+    "experiment": cmd_experiment,
+    "report": cmd_report,
 }
 
 

@@ -70,7 +70,7 @@ def write_run_report(run: Path, eval_dir: Path | None, out_md: Path, title: str 
         summary = json.loads((Path(eval_dir) / "summary.json").read_text())
         scheme = get_scheme(summary["scheme"]["name"])
         table = summary_markdown(summary, scheme, title="Test-set evaluation")
-        lines += [line.replace("# ", "## ", 1) if line.startswith("# ") else line for line in table.splitlines()]
+        lines += ["#" + line if line.startswith("#") else line for line in table.splitlines()]
         lines.append("")
     png = plot_training_curves(run, out_md.parent / "dice_per_round.png")
     if png is not None:

@@ -88,7 +88,7 @@ def train_non_federated(cfg: RunConfig, *, resume: bool = False, train_ids=None,
     if cfg.mode not in ("local", "centralized"):
         raise FedginError(f"unknown mode {cfg.mode!r}; expected local or centralized")
     out = prepare_run_dir(cfg, resume=resume)
-    sites = load_sites(cfg, train_ids)
+    sites = load_sites(cfg, train_ids if train_ids is not None else cfg.train_cases)
     if cfg.mode == "centralized":
         _train_one(cfg, out, sites, resume=resume, log=log)
     else:

@@ -140,7 +140,7 @@ class Trainer:
             from .augment import GIN, IPA
 
             self.gin = GIN(spatial_dims=2, p=cfg.gin_p)
-            self.ipa = IPA(spatial_dims=2) if cfg.ipa else None
+            self.ipa = IPA(spatial_dims=2, p=cfg.gin_p) if cfg.ipa else None
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
 

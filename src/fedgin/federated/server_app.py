@@ -12,10 +12,12 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, SiteSpec, resolve
+from ..errors import FedginError
 from ..model import build_model
 from .recorder import RoundRecorder
 from .strategy import make_strategy
@@ -30,14 +32,24 @@ def config_from_run_config(run_config: dict) -> RunConfig:
     if path:
         return RunConfig.from_dict(json.loads(Path(path).read_text()))
     sites = []
-    for item in str(run_config.get("sites", "")).split():
-        name, dataset = item.split("=", 1)
+    for item in str(run_config.get("sites", "") or "").split():
+        name, sep, dataset = item.partition("=")
+        if not (name and sep and dataset):
+            raise FedginError(f"run config sites: expected NAME=DATASET items (DATASET '-' in a deployment), got {item!r}")
         sites.append(SiteSpec(name, dataset))
-    cfg = resolve(str(run_config.get("preset", "quick")), command="flwr run", out=str(run_config.get("out", "runs/flwr")),
+    out = str(run_config.get("out", "") or "")
+    if not sites or not out:
+        raise FedginError("the run config needs config-file, or sites and out "
+                          "(flwr run ... --run-config \"sites='ct=DATASET mri=DATASET' out='/abs/run'\")")
+    if not Path(out).is_absolute():
+        # the ServerApp runs in a process Flower starts, whose working folder is not the caller's
+        raise FedginError(f"run config out must be an absolute path, got {out!r}")
+    min_sites = int(run_config.get("min-sites", 0) or 0)
+    cfg = resolve(str(run_config.get("preset", "quick")), command="flwr run", out=out,
                   sites=tuple(sites), train_overrides={"gin": bool(run_config.get("gin", True))},
                   rounds=int(run_config.get("rounds", 3)), local_epochs=int(run_config.get("local-epochs", 1)),
                   strategy=str(run_config.get("strategy", "fedavg")), seed=int(run_config.get("seed", 0)),
-                  min_sites=int(run_config["min-sites"]) if "min-sites" in run_config else None)
+                  min_sites=min_sites or None)
     Path(cfg.out, "checkpoints").mkdir(parents=True, exist_ok=True)
     cfg.write(Path(cfg.out) / "config.json")
     return cfg
@@ -46,7 +58,11 @@ def config_from_run_config(run_config: dict) -> RunConfig:
 def run_server(grid: Grid, cfg: RunConfig, log=print) -> None:
     """The whole federated run for the ServerApp (resumes after the last completed round)."""
     recorder = RoundRecorder(cfg, Path(cfg.out), log=log)
-    model = build_model(cfg.model)
+    # the initial global weights depend on the run seed only (a resumed or repeated run starts
+    # from the same model); fork so the caller's RNG is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model)
     reference_state = model.state_dict()
     reference = state_to_numpy(reference_state)
     done, arrays, strategy_state = recorder.resume_point()

@@ -59,8 +59,7 @@ class FedginMixin:
         absolute = server_round + self.round_offset
         replies = list(replies)
         valid = [r for r in replies if not r.has_error()]
-        failures = [f"node {r.metadata.src_node_id}: {r.error.reason.strip().splitlines()[-1][:200]}"
-                    for r in replies if r.has_error()]
+        failures = [f"node {r.metadata.src_node_id}: {_error_line(r)}" for r in replies if r.has_error()]
         # a fixed order makes the floating-point sums, and so a resumed run, repeatable
         valid.sort(key=lambda r: int(r.content["metrics"]["site-index"]))
         self.recorder.record_train(absolute, [dict(r.content["metrics"]) for r in valid], failures)
@@ -107,6 +106,12 @@ class FedginMixin:
     def load_state(self, state: dict) -> None:
         for name, value in state.items():
             setattr(self, name, {k: v.numpy() for k, v in value.items()})
+
+
+def _error_line(reply: Message) -> str:
+    """The last line of an error reply's reason (a traceback's exception line), or its code."""
+    lines = (reply.error.reason or "").strip().splitlines()
+    return lines[-1][:200] if lines else f"error code {reply.error.code}"
 
 
 def _weighted_average(replies: list[Message], key: str) -> dict[str, np.ndarray]:

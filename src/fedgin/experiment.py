@@ -1,0 +1,203 @@
+"""``fedgin experiment``: the paper's comparison grid (scenarios x methods x seeds) and its report.
+
+Every method trains with the same trainer and the same local budget per site (``rounds x
+local_epochs`` epochs of ``steps_per_epoch`` steps; centralized gets the sum over sites), and every
+final model is evaluated on the same fixed test sets, reported separately for CT and MRI. Finished
+runs are reused: a rerun only does what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import RunConfig, SiteSpec, resolve
+from .data.datasets import open_dataset
+from .data.splits import split_for
+from .errors import FedginError
+from .labels import get_scheme
+
+SCENARIOS = ("complete", "limited-1to1", "limited-1to2", "limited-1to5")
+BASE_METHODS = ("local-ct", "local-mri", "centralized", "fedavg", "fedgin")
+DEFAULT_METHODS = ("local-ct", "local-ct+gin", "local-mri", "centralized", "fedavg", "fedgin")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # local | centralized | federated
+    site_modality: str | None  # for local: CT or MRI
+    gin: bool
+
+
+def parse_method(text: str) -> Method:
+    name = text.strip()
+    base, _, suffix = name.partition("+")
+    if base not in BASE_METHODS or suffix not in ("", "gin"):
+        raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} (optionally +gin)")
+    if base == "fedgin":
+        return Method(name, "federated", None, True)
+    if base == "fedavg":
+        return Method(name, "federated", None, suffix == "gin")
+    if base == "centralized":
+        return Method(name, "centralized", None, suffix == "gin")
+    return Method(name, "local", "CT" if base == "local-ct" else "MRI", suffix == "gin")
+
+
+def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[str, str], seed: int,
+                         split_file: str | None, scheme_name: str) -> dict[str, list[str]] | None:
+    """``limited-1toK``: the MRI site keeps 1 training case per K CT training cases (at least 1),
+    drawn by seed; ``complete``: None (all training cases)."""
+    if scenario == "complete":
+        return None
+    match = re.fullmatch(r"limited-1to(\d+)", scenario)
+    if not match:
+        raise FedginError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    k = int(match.group(1))
+    scheme = get_scheme(scheme_name)
+    train_ids = {}
+    for site in sites:
+        dataset = open_dataset(site.dataset, scheme)
+        split = split_for(dataset.name, [c.case_id for c in dataset.cases], seed, split_file)
+        train_ids[site.name] = list(split.train)
+    n_ct = sum(len(train_ids[s.name]) for s in sites if modalities[s.name] == "CT")
+    keep = max(1, n_ct // k)
+    out = {}
+    for site in sites:
+        if modalities[site.name] == "MRI":
+            ids = sorted(train_ids[site.name])
+            order = np.random.default_rng([seed, k]).permutation(len(ids))
+            out[site.name] = sorted(ids[i] for i in order[:keep])
+    return out
+
+
+def _run_dir(out: Path, scenario: str, method: str, seed: int) -> Path:
+    return out / "runs" / scenario / method / f"seed{seed}"
+
+
+def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str], seeds: int, out: Path, *,
+                   preset: str = "quick", rounds: int | None = None, local_epochs: int | None = None,
+                   steps_per_epoch: int | None = None, split_file: str | None = None, cache_dir: str | None = None,
+                   log=print) -> Path:
+    """Train and evaluate every (scenario, method, seed); write results and the report into ``out``."""
+    from .evaluate import evaluate
+    from .federated.launcher import federate
+    from .runs import train_non_federated
+
+    parsed = [parse_method(m) for m in methods]
+    scheme = get_scheme("abdomen5")
+    modalities = {s.name: open_dataset(s.dataset, scheme).modality for s in sites}
+    if sorted(modalities.values()).count("CT") < 1 or "MRI" not in modalities.values():
+        raise FedginError("an experiment needs at least one CT site and one MRI site")
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = [s.dataset for s in sites]
+    for scenario in scenarios:
+        for seed in range(seeds):
+            limits = scenario_train_cases(scenario, sites, modalities, seed, split_file, scheme.name)
+            for method in parsed:
+                run = _run_dir(out, scenario, method.name, seed)
+                eval_dir = run / "eval"
+                if (eval_dir / "summary.json").exists():
+                    log(f"[{scenario} {method.name} seed {seed}] done before, reused")
+                    continue
+                start = time.perf_counter()
+                log(f"[{scenario} {method.name} seed {seed}] training ...")
+                base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
+                               train_overrides={"gin": method.gin, "steps_per_epoch": steps_per_epoch},
+                               seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
+                               local_epochs=local_epochs)
+                model_dir = _train_method(base, method, limits, modalities, train_non_federated, federate, log)
+                evaluate(str(model_dir), datasets, str(eval_dir), seed=seed, split_file=split_file,
+                         cache_dir=cache_dir)
+                (run / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+                log(f"[{scenario} {method.name} seed {seed}] finished in {(time.perf_counter() - start) / 60:.1f} min")
+    return write_results(out, scenarios, [m.name for m in parsed], seeds)
+
+
+def _train_method(base: RunConfig, method: Method, limits, modalities, train_non_federated, federate, log) -> Path:
+    epochs = base.rounds * base.local_epochs
+    if method.kind == "federated":
+        cfg = replace(base, mode="federated", train_cases=limits)
+        federate(cfg, resume=(Path(cfg.out) / "config.json").exists(), log=log)
+        return Path(cfg.out)
+    if method.kind == "centralized":
+        # the pooled model gets the sum of the sites' steps, as the sites together would
+        steps = (base.train.steps_per_epoch or 0) * len(base.sites) or None
+        cfg = replace(base, mode="centralized", train_cases=limits,
+                      train=replace(base.train, epochs=epochs, steps_per_epoch=steps))
+        train_non_federated(cfg, resume=(Path(cfg.out) / "config.json").exists(), train_ids=limits, log=log)
+        return Path(cfg.out)
+    site = next(s for s in base.sites if modalities[s.name] == method.site_modality)
+    cfg = replace(base, mode="local", sites=(site,), train_cases=limits,
+                  train=replace(base.train, epochs=epochs))
+    train_non_federated(cfg, resume=(Path(cfg.out) / "config.json").exists(), train_ids=limits, log=log)
+    return Path(cfg.out) / site.name
+
+
+def collect_rows(out: Path, scenarios: list[str], methods: list[str], seeds: int) -> list[dict]:
+    rows = []
+    for scenario in scenarios:
+        for method in methods:
+            for seed in range(seeds):
+                path = _run_dir(out, scenario, method, seed) / "eval" / "summary.json"
+                if not path.exists():
+                    continue
+                summary = json.loads(path.read_text())
+                for case in summary["metric_per_case"]:
+                    for organ, m in case["metrics"].items():
+                        rows.append({"scenario": scenario, "method": method, "seed": seed,
+                                     "modality": case["modality"], "case": case["case"], "organ": organ,
+                                     "dice": m["dice"], "hd95": m["hd95"]})
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Mean +- sd over seeds of the per-seed mean over cases, per scenario/method/modality/organ."""
+    table: dict = {}
+    keys = sorted({(r["scenario"], r["method"], r["modality"], r["organ"]) for r in rows})
+    for scenario, method, modality, organ in keys:
+        per_seed = {}
+        for metric in ("dice", "hd95"):
+            vals = {}
+            for r in rows:
+                if (r["scenario"], r["method"], r["modality"], r["organ"]) == (scenario, method, modality, organ) \
+                        and r[metric] is not None:
+                    vals.setdefault(r["seed"], []).append(r[metric])
+            seed_means = [float(np.mean(v)) for v in vals.values()]
+            per_seed[metric] = {
+                "mean": float(np.mean(seed_means)) if seed_means else None,
+                "sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else (0.0 if seed_means else None),
+                "seeds": len(seed_means),
+            }
+        table.setdefault(scenario, {}).setdefault(method, {}).setdefault(modality, {})[organ] = per_seed
+    for scenario in table.values():
+        for method in scenario.values():
+            for modality, organs in method.items():
+                means = [v["dice"]["mean"] for v in organs.values() if v["dice"]["mean"] is not None]
+                organs["mean"] = {"dice": {"mean": float(np.mean(means)) if means else None}}
+    return table
+
+
+def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: int) -> Path:
+    """``results.csv``, ``results.json`` and ``report.md`` (+ plots) from the finished runs."""
+    from .experiment_report import write_experiment_report
+
+    rows = collect_rows(out, scenarios, methods, seeds)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, "dice": "" if r["dice"] is None else f"{r['dice']:.6f}",
+                         "hd95": "" if r["hd95"] is None else f"{r['hd95']:.4f}"})
+    (out / "results.csv").write_text(buf.getvalue())
+    table = aggregate(rows)
+    (out / "results.json").write_text(json.dumps({"scenarios": scenarios, "methods": methods, "seeds": seeds,
+                                                  "table": table}, indent=2))
+    return write_experiment_report(out, scenarios, methods, seeds, table)

@@ -1,0 +1,149 @@
+"""The experiment report: paper-style tables, Dice-per-round curves, a bar chart by method, and a
+reading of the paper's claims against what was measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .labels import get_scheme  # noqa: E402
+from .report import read_metrics  # noqa: E402
+
+
+def _cell(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    sd = stat.get("sd")
+    return f"{stat['mean']:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd else "")
+
+
+def _mean_dice(table, scenario, method, modality):
+    try:
+        return table[scenario][method][modality]["mean"]["dice"]["mean"]
+    except KeyError:
+        return None
+
+
+def plot_curves(out: Path, scenario: str, methods: list[str], seeds: int) -> Path | None:
+    """Validation Dice of the global model per round, per modality, for the federated methods."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    drawn = False
+    for method in methods:
+        for seed in range(seeds):
+            rows = read_metrics(out / "runs" / scenario / method / f"seed{seed}")
+            rows = [r for r in rows if "round" in r and r.get("dice")]
+            for ax, modality in zip(axes, ("CT", "MRI")):
+                mod_rows = [r for r in rows if r["modality"] == modality]
+                if not mod_rows:
+                    continue
+                xs = [r["round"] for r in mod_rows]
+                ys = [np.nanmean([v if v is not None else np.nan for v in r["dice"].values()]) for r in mod_rows]
+                ax.plot(xs, ys, marker=".", label=f"{method} s{seed}")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, modality in zip(axes, ("CT", "MRI")):
+        ax.set_title(f"{scenario}: {modality} validation")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("mean Dice (global model)")
+    fig.tight_layout()
+    path = out / f"curves_{scenario}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(out: Path, scenarios: list[str], methods: list[str], table: dict) -> Path:
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 3.6), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        x = np.arange(len(methods))
+        for i, modality in enumerate(("CT", "MRI")):
+            vals = [_mean_dice(table, scenario, m, modality) or 0.0 for m in methods]
+            ax.bar(x + (i - 0.5) * 0.38, vals, width=0.38, label=modality)
+        ax.set_xticks(x, methods, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(scenario)
+        ax.set_ylabel("test Dice (mean over organs)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "dice_by_method.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def claims(table: dict, scenarios: list[str]) -> list[str]:
+    """The paper's claims, checked against the measured means (no verdict where data is missing)."""
+    lines = []
+
+    def ratio_line(label, a, b, what):
+        if a is None or b is None:
+            return f"- {label}: not measured."
+        return f"- {label}: {a:.3f} vs {b:.3f} ({what} {a - b:+.3f} Dice, ratio {a / b:.2f})" if b else \
+            f"- {label}: {a:.3f} vs {b:.3f}"
+
+    for scenario in scenarios:
+        fg = {m: _mean_dice(table, scenario, "fedgin", m) for m in ("CT", "MRI")}
+        fa = {m: _mean_dice(table, scenario, "fedavg", m) for m in ("CT", "MRI")}
+        ce = {m: _mean_dice(table, scenario, "centralized", m) for m in ("CT", "MRI")}
+        lines.append(f"**{scenario}**")
+        lines.append(ratio_line("FedGIN vs FedAvg on MRI", fg["MRI"], fa["MRI"], "difference"))
+        lines.append(ratio_line("FedGIN vs FedAvg on CT", fg["CT"], fa["CT"], "difference"))
+        lines.append(ratio_line("FedGIN vs centralized on MRI", fg["MRI"], ce["MRI"], "difference"))
+        lines.append(ratio_line("FedGIN vs local-MRI on MRI", fg["MRI"], _mean_dice(table, scenario, "local-mri", "MRI"),
+                                "difference"))
+        lines.append(ratio_line("FedGIN vs local-CT on CT", fg["CT"], _mean_dice(table, scenario, "local-ct", "CT"),
+                                "difference"))
+        lines.append(ratio_line("GIN on a CT-only model, tested on MRI (local-ct+gin vs local-ct)",
+                                _mean_dice(table, scenario, "local-ct+gin", "MRI"),
+                                _mean_dice(table, scenario, "local-ct", "MRI"), "difference"))
+        lines.append("")
+    return lines
+
+
+def write_experiment_report(out: Path, scenarios: list[str], methods: list[str], seeds: int, table: dict,
+                            notes: list[str] | None = None) -> Path:
+    scheme = get_scheme("abdomen5")
+    lines = ["# fedgin experiment", ""]
+    meta_path = out / "experiment.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        lines += [f"- command: `{meta.get('command', '')}`", f"- date: {meta.get('date', '')}",
+                  f"- machine: {meta.get('machine', '')}", f"- wall time: {meta.get('wall_minutes', '?')} min", ""]
+    lines += notes or []
+    lines += [f"Test-set Dice per organ (mean over test cases, then mean ± sd over {seeds} seed(s)); "
+              "'-' = not annotated in any test case.", ""]
+    for scenario in scenarios:
+        lines += [f"## {scenario}", ""]
+        for modality in ("CT", "MRI"):
+            lines += [f"### {modality}", "", "| method | " + " | ".join(scheme.organs) + " | mean | HD95 mean (mm) |",
+                      "|---" * (len(scheme.organs) + 3) + "|"]
+            for method in methods:
+                organs = table.get(scenario, {}).get(method, {}).get(modality)
+                if not organs:
+                    continue
+                hd = [organs[o]["hd95"]["mean"] for o in scheme.organs if o in organs and organs[o]["hd95"]["mean"]]
+                cells = [_cell(organs.get(o, {}).get("dice")) for o in scheme.organs]
+                mean = organs["mean"]["dice"]["mean"]
+                lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean:.3f} | "
+                             f"{np.mean(hd):.1f} |" if mean is not None else f"| {method} | " + " | ".join(cells) + " | - | - |")
+            lines.append("")
+        curve = plot_curves(out, scenario, [m for m in methods if m.startswith(("fedavg", "fedgin"))], seeds)
+        if curve is not None:
+            lines += [f"![Dice per round, {scenario}]({curve.name})", ""]
+    bars = plot_bars(out, scenarios, methods, table)
+    lines += ["## By method", "", f"![Dice by method]({bars.name})", "", "## The paper's claims, as measured", ""]
+    lines += claims(table, scenarios)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
