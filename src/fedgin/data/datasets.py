@@ -228,42 +228,20 @@ def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
         raise DataError(images_dir, "folder not found")
-    for image in sorted(images_dir.glob(f"*_0000{ending}")):
+    def case_ref(image: Path, labels_dir: str, *, required: bool) -> CaseRef:
         case_id = image.name[: -len(f"_0000{ending}")]
-        label = root / "labelsTr" / f"{case_id}{ending}"
-        if not label.exists():
+        label = root / labels_dir / f"{case_id}{ending}"
+        if required and not label.exists():
             raise DataError(label, f"missing label for case {case_id}")
         annotated, annotated_fine = _annotated(scheme, label_names, annotations.get(case_id),
                                                root / "manifest.json")
-        dataset.cases.append(
-            CaseRef(
-                case_id=case_id,
-                dataset=root.name,
-                modality=modality,
-                image=image,
-                label=label,
-                lut=lut,
-                annotated=annotated,
-                annotated_fine=annotated_fine,
-            )
-        )
-    for image in sorted((root / "imagesTs").glob(f"*_0000{ending}")):
-        case_id = image.name[: -len(f"_0000{ending}")]
-        label = root / "labelsTs" / f"{case_id}{ending}"
-        annotated, annotated_fine = _annotated(scheme, label_names, annotations.get(case_id),
-                                               root / "manifest.json")
-        dataset.test_cases.append(
-            CaseRef(
-                case_id=case_id,
-                dataset=root.name,
-                modality=modality,
-                image=image,
-                label=label if label.exists() else None,
-                lut=lut,
-                annotated=annotated,
-                annotated_fine=annotated_fine,
-            )
-        )
+        return CaseRef(case_id=case_id, dataset=root.name, modality=modality, image=image,
+                       label=label if label.exists() else None, lut=lut, annotated=annotated,
+                       annotated_fine=annotated_fine)
+
+    dataset.cases = [case_ref(p, "labelsTr", required=True) for p in sorted(images_dir.glob(f"*_0000{ending}"))]
+    dataset.test_cases = [case_ref(p, "labelsTs", required=False)
+                          for p in sorted((root / "imagesTs").glob(f"*_0000{ending}"))]
     if not dataset.cases:
         raise DataError(images_dir, f"no images named *_0000{ending}")
     n = meta.get("numTraining")
