@@ -103,7 +103,7 @@ PRESETS: dict[str, dict] = {
         "model": ModelConfig(channels=(16, 32, 64, 128)),
         "preprocess": PreprocessConfig(spacing_mm=(2.5, 2.5), slice_size=(128, 128)),
         # 2e-3 / 5e-4 measured on phantoms: 1e-3 reaches the small organs within a few hundred
-        # CPU steps where the paper's 5e-4 has not yet left background (docs/results/preset_tuning.md)
+        # CPU steps where the paper's 5e-4 has not yet left background (docs/results/model_size.md)
         "train": TrainConfig(epochs=20, steps_per_epoch=50, lr=1e-3),
         "rounds": 10,
         "local_epochs": 2,

@@ -17,6 +17,7 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
@@ -41,7 +42,9 @@ def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
     from .client_app import app as client_app
     from .server_app import make_server_app
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # fedgin reports rounds, failures and results itself; Flower's own INFO/WARNING lines
+    # (including run_simulation's deprecation notice) would bury them
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     log(f"federating {len(cfg.sites)} sites ({', '.join(f'{s.name}:{s.modality}' for s in cfg.sites)}) "
         f"for {cfg.rounds} rounds, strategy {cfg.strategy}, GIN {'on' if cfg.train.gin else 'off'} -> {out}")
     run_simulation(
