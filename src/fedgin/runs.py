@@ -87,8 +87,9 @@ def train_non_federated(cfg: RunConfig, *, resume: bool = False, train_ids=None,
     pools every site's training cases into one model (``RUN/``)."""
     if cfg.mode not in ("local", "centralized"):
         raise FedginError(f"unknown mode {cfg.mode!r}; expected local or centralized")
-    out = prepare_run_dir(cfg, resume=resume)
+    # read and check every site's data before the run dir exists: bad data writes nothing
     sites = load_sites(cfg, train_ids if train_ids is not None else cfg.train_cases)
+    out = prepare_run_dir(cfg, resume=resume)
     if cfg.mode == "centralized":
         _train_one(cfg, out, sites, resume=resume, log=log)
     else:
