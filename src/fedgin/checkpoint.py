@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import publish, temp_path
 from .data.preprocess import PreprocessConfig
-from .errors import ModelError
+from .errors import FedginError, ModelError
 from .labels import LabelScheme, get_scheme
 from .model import ModelConfig, build_model
 
@@ -52,17 +52,16 @@ def save_checkpoint(path: str | Path, state_dict: dict, *, model_config: ModelCo
         "meta": meta,
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    tmp = temp_path(path, ".pt")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        return publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def resolve_checkpoint_path(model: str | Path) -> Path:
@@ -94,7 +93,10 @@ def load_checkpoint(model: str | Path, *, expect_scheme: str | None = None) -> C
     path = resolve_checkpoint_path(model)
     payload = load_raw(path)
     try:
-        scheme = get_scheme(payload["scheme"]["name"])
+        try:
+            scheme = get_scheme(payload["scheme"]["name"])
+        except FedginError as exc:
+            raise ModelError(f"{path}: {exc}") from None
         if list(scheme.organs) != list(payload["scheme"]["organs"]):
             raise ModelError(f"{path}: label scheme {scheme.name} differs from this fedgin's definition")
         ckpt = Checkpoint(
@@ -113,5 +115,10 @@ def load_checkpoint(model: str | Path, *, expect_scheme: str | None = None) -> C
     try:
         ckpt.build()
     except RuntimeError as exc:
-        raise ModelError(f"{path}: weights do not fit the stored architecture ({str(exc)[:100]})") from None
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line or "Missing" in line),
+                     " ".join(str(exc).split()))
+        raise ModelError(f"{path}: weights do not fit the stored architecture ({first[:160]})") from None
+    if ckpt.model_config.out_channels != ckpt.scheme.num_classes:
+        raise ModelError(f"{path}: model has {ckpt.model_config.out_channels} output channels but label scheme "
+                         f"{ckpt.scheme.name} has {ckpt.scheme.num_classes}")
     return ckpt

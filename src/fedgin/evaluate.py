@@ -9,14 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_text
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import package_versions
 from .data.cache import load_case
@@ -84,13 +83,6 @@ def summarise(records: list[dict], scheme: LabelScheme) -> dict:
     return out
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt(stat: dict, digits: int = 3) -> str:
     if stat["mean"] is None:
         return "-"
@@ -125,7 +117,7 @@ def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dic
         "null_means": "organ not annotated in the case, or absent from both prediction and reference "
                       "(HD95 also when either side is empty)",
     }
-    _atomic_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["case", "dataset", "modality", "organ", "annotated", "dice", "hd95"])
@@ -134,8 +126,8 @@ def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dic
             writer.writerow([r["case"], r["dataset"], r["modality"], organ, organ in r["annotated"],
                              "" if m["dice"] is None else f"{m['dice']:.6f}",
                              "" if m["hd95"] is None else f"{m['hd95']:.4f}"])
-    _atomic_text(out / "metrics.csv", buf.getvalue())
-    _atomic_text(out / "summary.md", summary_markdown(summary, ckpt.scheme))
+    write_text(out / "metrics.csv", buf.getvalue())
+    write_text(out / "summary.md", summary_markdown(summary, ckpt.scheme))
     return summary
 
 

@@ -16,6 +16,7 @@ import shutil
 
 import numpy as np
 
+from .atomic import write_text
 from .checkpoint import load_checkpoint
 from .config import package_versions
 from .data.datasets import _read_json, normalise_modality
@@ -134,7 +135,4 @@ def _provenance(ckpt, files, inputs, out, mod, masks, dev) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))

@@ -54,6 +54,12 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
     return out
 
 
+def check_resumable(out: Path) -> None:
+    """Refuse a damaged ``last.pt`` anywhere under a run dir before anything is rewritten."""
+    for last in sorted(out.glob("**/checkpoints/last.pt")):
+        load_raw(last)
+
+
 def load_sites(cfg: RunConfig, train_ids: dict[str, list[str]] | None = None) -> list[SiteData]:
     scheme = get_scheme(cfg.scheme)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
@@ -87,8 +93,11 @@ def train_non_federated(cfg: RunConfig, *, resume: bool = False, train_ids=None,
     pools every site's training cases into one model (``RUN/``)."""
     if cfg.mode not in ("local", "centralized"):
         raise FedginError(f"unknown mode {cfg.mode!r}; expected local or centralized")
-    # read and check every site's data before the run dir exists: bad data writes nothing
+    # read and check every site's data (and, on resume, the checkpoints) before the run dir is
+    # touched: bad input writes nothing
     sites = load_sites(cfg, train_ids if train_ids is not None else cfg.train_cases)
+    if resume:
+        check_resumable(Path(cfg.out))
     out = prepare_run_dir(cfg, resume=resume)
     if cfg.mode == "centralized":
         _train_one(cfg, out, sites, resume=resume, log=log)

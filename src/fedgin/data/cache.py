@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import publish, temp_path
 from ..labels import LabelScheme
 from .datasets import CaseRef
 from .preprocess import Geometry, PreprocessConfig, Preprocessed, preprocess
@@ -84,8 +84,7 @@ def load_case(
     image, label, affine = case.read(scheme)
     result = preprocess(image, affine, case.modality, cfg, label)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path(path, ".npz")
     try:
         np.savez(
             tmp,
@@ -94,8 +93,8 @@ def load_case(
             has_label=np.array(result.label is not None),
             geometry=np.array(json.dumps(result.geometry.to_dict())),
         )
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return result

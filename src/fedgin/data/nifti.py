@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from ..atomic import publish, temp_path
 from ..errors import DataError
 
 
@@ -96,15 +95,13 @@ def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, dtyp
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_data_dtype(arr.dtype)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path(path, ".nii.gz")
     try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
+        nib.save(img, str(tmp))
+        return publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:

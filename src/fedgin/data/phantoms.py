@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..atomic import write_text
 from ..errors import DataError, FedginError
 from .datasets import normalise_modality
 from .nifti import axcodes_of, spacing_of, write_volume
@@ -816,11 +817,7 @@ def _case_seed(seed: int, modality: str, index: int) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _check_replaceable(target: Path) -> None:

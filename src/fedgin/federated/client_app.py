@@ -7,6 +7,8 @@ Only the model's arrays and scalar metrics are put in the reply.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -21,6 +23,24 @@ from .task import evaluate_round, norm_layer_keys, run_config_from_json, train_r
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 app = ClientApp()
+logger = logging.getLogger("fedgin.client")
+
+
+class SiteFailure(RuntimeError):
+    """What the server is told when a site fails: the kind of error, never its text (which can name
+    files and case ids); the full error stays in this SuperNode's log."""
+
+
+def site_errors_stay_local(handler):
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            logger.exception("fedgin site failed in %s", handler.__name__)
+            raise SiteFailure(f"{handler.__name__} failed on this site ({type(exc).__name__}); "
+                              "see the SuperNode's log") from None
+    return wrapped
 
 
 def resolve_site(context: Context, cfg: RunConfig) -> tuple[SiteSpec, int]:
@@ -52,6 +72,7 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
 
 
 @app.train()
+@site_errors_stay_local
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = run_config_from_json(str(config["run-config"]))
@@ -73,6 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@site_errors_stay_local
 def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = run_config_from_json(str(config["run-config"]))

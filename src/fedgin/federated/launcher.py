@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import FedginError
-from ..runs import load_sites, prepare_run_dir
+from ..runs import check_resumable, load_sites, prepare_run_dir
 
 # Telemetry off and no runtime dependency installation, before Flower is imported.
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -34,6 +34,8 @@ def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
     # and the Ray workers then read the preprocessing cache
     sites = load_sites(cfg, cfg.train_cases)
     cfg = replace(cfg, sites=tuple(replace(s, modality=d.modality) for s, d in zip(cfg.sites, sites)))
+    if resume:
+        check_resumable(Path(cfg.out))
     out = prepare_run_dir(cfg, resume=resume)
     if not resume:
         (out / "metrics.jsonl").write_text("")
