@@ -1,9 +1,10 @@
 """Flower ServerApp: resolve the run, start the strategy, checkpoint each round.
 
 Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``): ``config-file`` (a
-``config.json`` written by ``fedgin federate``) or, for ``flwr run . local`` on its own, ``sites``
-(``"ct=DATASET mri=DATASET"``), ``out``, ``rounds``, ``local-epochs``, ``strategy``, ``gin``,
-``preset``, ``seed``, ``min-sites``.
+``config.json`` written by fedgin; wins over the rest) or ``sites`` (``"ct=DATASET mri=DATASET"``;
+in a deployment ``"ct=- mri=-"``, names and order only, each SuperNode's ``data-dir`` holds its
+data), ``out`` (an absolute path), ``rounds``, ``local-epochs``, ``strategy``, ``gin``, ``preset``,
+``seed``, ``min-sites`` (0: every site). See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ def config_from_run_config(run_config: dict) -> RunConfig:
                   rounds=int(run_config.get("rounds", 3)), local_epochs=int(run_config.get("local-epochs", 1)),
                   strategy=str(run_config.get("strategy", "fedavg")), seed=int(run_config.get("seed", 0)),
                   min_sites=min_sites or None)
-    Path(cfg.out, "checkpoints").mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     cfg.write(Path(cfg.out) / "config.json")
     return cfg
 
 
 def run_server(grid: Grid, cfg: RunConfig, log=print) -> None:
     """The whole federated run for the ServerApp (resumes after the last completed round)."""
+    Path(cfg.out, "checkpoints").mkdir(parents=True, exist_ok=True)
     recorder = RoundRecorder(cfg, Path(cfg.out), log=log)
     # the initial global weights depend on the run seed only (a resumed or repeated run starts
     # from the same model); fork so the caller's RNG is left as it was
