@@ -70,7 +70,9 @@ def resolve_checkpoint_path(model: str | Path) -> Path:
     if path.is_dir():
         candidate = path / "checkpoints" / "last.pt"
         if not candidate.exists():
-            raise ModelError(f"{path}: not a run dir with checkpoints/last.pt")
+            subruns = sorted(p.parent.parent.name for p in path.glob("*/checkpoints/last.pt"))
+            hint = f" (a local run: pick one of {', '.join(str(path / s) for s in subruns)})" if subruns else ""
+            raise ModelError(f"{path}: not a run dir with checkpoints/last.pt{hint}")
         return candidate
     if not path.exists():
         raise ModelError(f"{path}: model not found")
@@ -80,8 +82,10 @@ def resolve_checkpoint_path(model: str | Path) -> Path:
 def load_raw(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        text = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError):
+        raise ModelError(f"{path}: damaged or not a fedgin checkpoint (unreadable)") from None
+    except Exception as exc:  # torch's loader raises many kinds on arbitrary bytes
+        text = " ".join(str(exc).split())[:100] or type(exc).__name__
         raise ModelError(f"{path}: damaged or not a fedgin checkpoint ({text})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"{path}: not a fedgin checkpoint (format {FORMAT} expected)")

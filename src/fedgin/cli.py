@@ -13,6 +13,9 @@ from pathlib import Path
 from .errors import FedginError
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# idle OpenMP threads sleep instead of spinning: on 2 shared cores (Ray workers, other jobs) spinning
+# threads stall each other by 10x and more
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _site(text: str):
@@ -111,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--cases", default="test", choices=["test", "all"],
                    help="test: each dataset's test split (default); all: every labelled case")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split for datasets without a split file")
+    p.add_argument("--seed", type=int, help="seed of the split for datasets without a split file "
+                   "(default: the seed the model was trained with)")
     p.add_argument("--split")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")

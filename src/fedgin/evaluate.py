@@ -131,9 +131,15 @@ def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dic
     return summary
 
 
-def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", seed: int = 0,
+def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", seed: int | None = None,
              split_file: str | None = None, device: str = "auto", cache_dir: str | None = None) -> dict:
+    """Score a model; the split (seed and split file) defaults to the one the model was trained with,
+    so a model is never scored on its own training cases by accident."""
     ckpt = load_checkpoint(model)
+    if seed is None:
+        seed = int(ckpt.meta.get("seed", 0))
+    if split_file is None:
+        split_file = ckpt.meta.get("split")
     refs = select_cases(datasets, ckpt.scheme, cases=cases, seed=seed, split_file=split_file)
     records = evaluate_cases(ckpt, refs, device=resolve_device(device),
                              cache_dir=Path(cache_dir) if cache_dir else None)

@@ -47,6 +47,11 @@ def list_inputs(path: Path) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(NIFTI_ENDINGS))
     if not files:
         raise DataError(path, "no .nii or .nii.gz files in folder")
+    seen: dict[str, Path] = {}
+    for f in files:
+        other = seen.setdefault(case_name(f), f)
+        if other is not f:
+            raise DataError(f, f"would write the same output {case_name(f)}.nii.gz as {other.name}")
     return files
 
 

@@ -124,26 +124,32 @@ def _train_one(cfg: RunConfig, out: Path, sites: list[SiteData], *, resume: bool
         trainer.optimizer.load_state_dict(payload["extra"]["optimizer"])
         start_epoch = int(payload["meta"]["epoch"])
         torch.set_rng_state(payload["extra"]["torch_rng"])
-        metrics.truncate_after("epoch", start_epoch)
         log(f"resuming {out} after epoch {start_epoch}")
-    elif not resume:
+    if resume:
+        metrics.truncate_after("epoch", start_epoch)  # lines of an epoch that has no checkpoint
+    else:
         metrics.path.write_text("")
     cases = [c for s in sites for c in s.train]
     records = site_records(sites)
     desc = sites[0].name if len(sites) == 1 else "centralized"
 
     def on_epoch(result: EpochResult) -> None:
+        shown = {}
         for site in sites:
-            dice = result.dice if len(sites) == 1 else (trainer.validate(site.val) if site.val else {})
+            if len(sites) == 1:
+                dice = result.dice
+            else:  # centralized: each site's own validation cases, so curves compare with FL
+                dice = trainer.validate(site.val) if (site.val and cfg.train.validate) else {}
             metrics.write(**_epoch_line(result, site, cfg.mode, dice))
-        meta = {"mode": cfg.mode, "epoch": result.epoch, "seed": cfg.seed, "time": time.time()}
+            shown.update({f"{site.name}:{k}" if len(sites) > 1 else k: round(v, 3)
+                          for k, v in dice.items() if v is not None})
+        meta = {"mode": cfg.mode, "epoch": result.epoch, "seed": cfg.seed, "split": cfg.split, "time": time.time()}
         extra = {"optimizer": trainer.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         path = save_checkpoint(out / "checkpoints" / f"epoch_{result.epoch:03d}.pt", model.state_dict(),
                                model_config=cfg.model, scheme=scheme, preprocess=cfg.preprocess,
                                sites=records, meta=meta, extra=extra)
         save_checkpoint(last, model.state_dict(), model_config=cfg.model, scheme=scheme,
                         preprocess=cfg.preprocess, sites=records, meta=meta, extra=extra)
-        shown = {k: round(v, 3) for k, v in result.dice.items() if v is not None}
         log(f"[{desc}] epoch {result.epoch}/{cfg.train.epochs} loss {result.loss:.4f} "
             f"val dice {shown or '-'} ({result.seconds:.1f}s) -> {path.name}")
 
@@ -151,5 +157,5 @@ def _train_one(cfg: RunConfig, out: Path, sites: list[SiteData], *, resume: bool
     if remaining <= 0:
         log(f"{out}: all {cfg.train.epochs} epochs already done")
         return
-    val = [c for s in sites for c in s.val]
+    val = sites[0].val if len(sites) == 1 else None  # centralized validates per site in on_epoch
     trainer.fit(cases, remaining, start_epoch=start_epoch, val_cases=val, desc=desc, on_epoch=on_epoch)

@@ -82,6 +82,7 @@ class RoundRecorder:
             )
         state = numpy_to_state(arrays, reference)
         meta = {"mode": "federated", "round": server_round, "strategy": self.cfg.strategy, "seed": self.cfg.seed,
+                "split": self.cfg.split,
                 "gin": self.cfg.train.gin, "sites_replied": len(train), "time": time.time()}
         kwargs = dict(model_config=self.cfg.model, scheme=self.scheme, preprocess=self.cfg.preprocess,
                       sites=self.sites, meta=meta, extra={"strategy_state": strategy_state})

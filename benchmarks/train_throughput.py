@@ -1,0 +1,211 @@
+"""Training throughput of ``fedgin.trainer.Trainer.fit`` against a bare PyTorch loop.
+
+Setting: the default model (``build_model(ModelConfig())``, a 2D MONAI U-Net 16-32-64-128,
+1 -> 6 channels), batch 8 of 128 x 128 slices preloaded in memory (preprocessed phantom CT cases,
+quick preset geometry), ``PartialLabelDiceCELoss`` and AdamW (lr 5e-4, weight decay 1e-4) in
+both loops, 2 CPU threads, CPU determinism as ``fedgin train`` sets it (``seed_everything``).
+
+- ``bare``: ``model(images[idx])``, loss, backward, step; ``idx`` drawn with ``torch.randint``
+  from the same preloaded slice tensor; nothing else.
+- ``trainer``: ``Trainer.fit(cases, 1)`` with ``steps_per_epoch`` steps: slice bank, balanced
+  sampler, batch assembly from numpy, random in-plane rotation/scale (its default), loss, AdamW,
+  progress bar; validation off. Run with GIN off (the ratio) and on (``ratio_gin``), and once more
+  with the spatial augmentation off too, to show what that costs.
+
+Each repeat times one ``fit`` call (or the same number of bare steps) per variant; the variants
+are interleaved within a repeat (their order rotating from repeat to repeat) so that load from
+other processes hits all of them alike. On a shared 2-core machine other load stalls whole repeats
+(2 threads spinning on a busy core) by 10-40x, so the reported slices/s is each variant's best
+repeat (like ``timeit``'s minimum time) and ``ratio`` compares those; as a cross-check
+``ratio_paired_clean`` is the median, over the repeats where no variant stalled, of the ratio
+measured within one repeat.
+Writes ``docs/results/train_throughput.json`` and prints it.
+
+Usage: ``python benchmarks/train_throughput.py [--repeats 20] [--steps 5] [--profile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedgin.config import TrainConfig, resolve
+from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.data.sites import load_site
+from fedgin.labels import get_scheme
+from fedgin.losses import PartialLabelDiceCELoss
+from fedgin.model import ModelConfig, build_model
+from fedgin.trainer import Trainer, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 0.9
+BATCH, THREADS, LR, WEIGHT_DECAY = 8, 2, 5e-4, 1e-4
+
+
+def load_cases(n_cases: int, cache_dir: Path):
+    """Preprocessed phantom CT cases (quick preset: 2.5 mm, 128 x 128), all of them for training."""
+    data = Path(tempfile.mkdtemp(prefix="fedgin-bench-"))
+    ct, _ = write_phantom_datasets(data, n_cases, 1, seed=0)
+    cfg = resolve("quick", command="bench", out=str(data), sites=())
+    scheme = get_scheme("abdomen5")
+    ids = [p.name[: -len("_0000.nii.gz")] for p in sorted((ct / "imagesTr").glob("*_0000.nii.gz"))]
+    site = load_site("ct", str(ct), scheme, cfg.preprocess, cache_dir=cache_dir, train_ids=ids)
+    return site.train, scheme
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20, help="timed interleaved repeats")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    parser.add_argument("--steps", type=int, default=5, help="optimisation steps per timed fit call")
+    parser.add_argument("--cases", type=int, default=3, help="phantom CT cases preloaded")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of Trainer.fit (GIN off)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "train_throughput.json")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(THREADS)
+    seed_everything(0)
+    with tempfile.TemporaryDirectory(prefix="fedgin-bench-cache-") as cache:
+        cases, scheme = load_cases(args.cases, Path(cache))
+    images = torch.from_numpy(np.concatenate([c.image for c in cases]))[:, None].contiguous()
+    labels = torch.from_numpy(np.concatenate([c.label for c in cases]).astype(np.int64))[:, None]
+    annotated = torch.ones(BATCH, scheme.num_classes, dtype=torch.bool)
+    n_slices = images.shape[0]
+
+    base = build_model(ModelConfig(out_channels=scheme.num_classes))
+    device = torch.device("cpu")
+    cfg = TrainConfig(batch_size=BATCH, lr=LR, weight_decay=WEIGHT_DECAY, steps_per_epoch=args.steps,
+                      gin=False, validate=False, num_threads=THREADS)
+    trainers = {
+        "trainer": Trainer(copy.deepcopy(base), cfg, scheme, device, seed=0),
+        "trainer_gin": Trainer(copy.deepcopy(base), replace(cfg, gin=True), scheme, device, seed=0),
+        "trainer_no_spatial": Trainer(copy.deepcopy(base), replace(cfg, spatial_augment=False), scheme,
+                                      device, seed=0),
+    }
+    bare_model = copy.deepcopy(base).train()
+    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    loss_fn = PartialLabelDiceCELoss()
+    gen = torch.Generator().manual_seed(0)
+
+    def bare() -> None:
+        for _ in range(args.steps):
+            idx = torch.randint(n_slices, (BATCH,), generator=gen)
+            bare_opt.zero_grad(set_to_none=True)
+            loss = loss_fn(bare_model(images[idx]), labels[idx], annotated)
+            loss.backward()
+            bare_opt.step()
+            float(loss.detach())  # the trainer reads every loss too
+
+    epochs = {name: 0 for name in trainers}
+
+    def fit(name: str):
+        def run() -> None:
+            trainers[name].fit(cases, 1, start_epoch=epochs[name], desc=name)
+            epochs[name] += 1
+        return run
+
+    variants = {"bare": bare, **{name: fit(name) for name in trainers}}
+    names = list(variants)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(args.warmup + args.repeats):
+        # the order rotates every repeat so that no variant always follows another
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        for name in order:
+            fn = variants[name]
+            start = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - start
+            if repeat >= args.warmup:
+                rates[name].append(args.steps * BATCH / seconds)
+    best = {name: max(values) for name, values in rates.items()}
+    # a repeat is clean when every variant ran at >= half its best speed (no stall from other load)
+    clean = [i for i in range(args.repeats) if all(rates[n][i] >= 0.5 * best[n] for n in names)]
+
+    def paired(name: str) -> float | None:
+        """Median over clean repeats of (variant / bare) slices/s measured within the same repeat."""
+        if not clean:
+            return None
+        return statistics.median(rates[name][i] / rates["bare"][i] for i in clean)
+
+    profile_text = None
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        fit("trainer")()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        profile_text = buf.getvalue()
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    ratio = best["trainer"] / best["bare"]
+
+    def rounded(value: float | None, digits: int = 4) -> float | None:
+        return None if value is None else round(value, digits)
+    result = {
+        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_1min": load,
+        },
+        "setting": {
+            "model": f"build_model(ModelConfig(out_channels={scheme.num_classes}))",
+            "batch": BATCH,
+            "slice_size": list(images.shape[-2:]),
+            "preloaded_slices": n_slices,
+            "optimiser": f"AdamW lr={LR} weight_decay={WEIGHT_DECAY}",
+            "loss": "PartialLabelDiceCELoss()",
+            "trainer": "Trainer.fit(cases, 1): TrainConfig(batch_size=8, lr=5e-4, steps_per_epoch="
+                       f"{args.steps}, gin=False|True, validate=False, num_threads=2), spatial_augment on",
+            "timing": f"{args.steps} steps per variant and repeat, variants interleaved (order rotating) "
+                      f"over {args.repeats} repeats after {args.warmup}; slices/s and ratio*: best repeat of "
+                      "each variant (least disturbed by other load, as timeit's min); *_paired_clean: median "
+                      "over clean repeats (every variant >= half its best) of the ratio within a repeat",
+        },
+        "bare_slices_per_s": round(best["bare"], 2),
+        "trainer_slices_per_s": round(best["trainer"], 2),
+        "trainer_gin_slices_per_s": round(best["trainer_gin"], 2),
+        "trainer_no_spatial_slices_per_s": round(best["trainer_no_spatial"], 2),
+        "ratio": round(ratio, 4),
+        "ratio_gin": round(best["trainer_gin"] / best["bare"], 4),
+        "ratio_no_spatial": round(best["trainer_no_spatial"] / best["bare"], 4),
+        "clean_repeats": len(clean),
+        "ratio_paired_clean": rounded(paired("trainer")),
+        "ratio_gin_paired_clean": rounded(paired("trainer_gin")),
+        "ratio_no_spatial_paired_clean": rounded(paired("trainer_no_spatial")),
+        "goal": GOAL,
+        "meets_goal": ratio >= GOAL,
+        "repeats_slices_per_s": {name: [round(v, 2) for v in values] for name, values in rates.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if profile_text:
+        print(profile_text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
