@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedbn", "fedadam"])
     p.add_argument("--proximal-mu", type=float, help="FedProx proximal weight (default 0.01)")
     p.add_argument("--min-sites", type=int, help="finish a round when at least this many sites replied")
+    p.add_argument("--round-timeout", type=float, help="seconds a round waits for replies (default 1800)")
 
     p = sub.add_parser("experiment", help="the paper's comparison grid: scenarios x methods x seeds, and its report")
     p.add_argument("--site", action="append", type=_site, required=True, metavar="NAME=DATASET",
@@ -168,6 +169,7 @@ def cmd_federate(args) -> int:
                   train_overrides=overrides, seed=args.seed, mode="federated", split=args.split,
                   cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
                   local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
+                  round_timeout=args.round_timeout,
                   proximal_mu=args.proximal_mu)
     out = federate(cfg, resume=args.resume)
     print(f"done: {out}")

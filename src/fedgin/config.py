@@ -65,6 +65,7 @@ class RunConfig:
     local_epochs: int = 2
     strategy: str = "fedavg"
     min_sites: int | None = None
+    round_timeout: float = 1800.0  # seconds a round waits for sites' replies
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     split: str | None = None

@@ -50,7 +50,7 @@ def config_from_run_config(run_config: dict) -> RunConfig:
                   sites=tuple(sites), train_overrides={"gin": bool(run_config.get("gin", True))},
                   rounds=int(run_config.get("rounds", 3)), local_epochs=int(run_config.get("local-epochs", 1)),
                   strategy=str(run_config.get("strategy", "fedavg")), seed=int(run_config.get("seed", 0)),
-                  min_sites=min_sites or None)
+                  min_sites=min_sites or None, round_timeout=float(run_config.get("round-timeout", 1800)))
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     cfg.write(Path(cfg.out) / "config.json")
     return cfg
@@ -92,7 +92,7 @@ def run_server(grid: Grid, cfg: RunConfig, log=print) -> None:
         return None
 
     strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
-                   num_rounds=cfg.rounds - done, timeout=float(os.environ.get("FEDGIN_ROUND_TIMEOUT", 3600)),
+                   num_rounds=cfg.rounds - done, timeout=cfg.round_timeout,
                    evaluate_fn=on_round_end)
 
 

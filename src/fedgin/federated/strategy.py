@@ -140,8 +140,10 @@ def make_strategy(name: str, *, num_sites: int, min_sites: int, recorder: RoundR
                   reference: dict[str, np.ndarray], run_config_json: str, local_keys: frozenset[str] = frozenset(),
                   proximal_mu: float = 0.01, server_lr: float = 0.01, round_offset: int = 0):
     """A configured strategy; every site trains and evaluates each round."""
-    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_sites,
-                  min_evaluate_nodes=num_sites, min_available_nodes=num_sites,
+    # rounds go to every connected site; with min_sites < num_sites a round also starts (and
+    # completes) with only min_sites of them, so a lost site does not stop the federation
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
+                  min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                   train_metrics_aggr_fn=nan_aware_metrics, evaluate_metrics_aggr_fn=nan_aware_metrics)
     if name in ("fedavg", "fedbn"):
         strategy = FedginFedAvg(**common)
