@@ -14,15 +14,10 @@ Usage: ``python benchmarks/cache_gain.py [--repeats 3] [--data ../shared/data/ab
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -32,7 +27,9 @@ from fedgin.data.datasets import open_dataset
 from fedgin.data.preprocess import PreprocessConfig
 from fedgin.labels import get_scheme
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, provenance, write_result  # noqa: E402
+
 DATASETS = ("Dataset801_AbdomenCT", "Dataset802_AbdomenMR")
 CFG = PreprocessConfig(spacing_mm=(2.5, 2.5), slice_size=(128, 128))
 THREADS = 2
@@ -54,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "abdomen-ct-mr")
     parser.add_argument("--repeats", type=int, default=3, help="cold/warm rounds; the median is reported")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "cache_gain.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cache_gain.json")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         parser.error(f"shared data bundle not found at {args.data}")
@@ -76,16 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     input_bytes = sum(p.stat().st_size for c in cases for p in (c.image, c.label))
 
     result = {
-        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
+        **provenance(),
         "setting": {
             "data": "shared bundle abdomen-ct-mr: " + ", ".join(DATASETS),
             "scheme": scheme.name,
@@ -103,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": {"cold_s": [round(t, 3) for t in cold], "warm_s": [round(t, 3) for t in warm],
                    "warm_in_process_s": [round(t, 3) for t in warm_memo]},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return result
 
 

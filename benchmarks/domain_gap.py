@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -37,7 +34,9 @@ from fedgin.data.phantoms import CT_DATASET, write_phantom_datasets
 from fedgin.evaluate import evaluate
 from fedgin.runs import train_non_federated
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, provenance, write_result, write_text  # noqa: E402
+
 THREADS = 2
 LR = 1e-3
 TRAIN_SEED, TEST_SEED = 0, 1
@@ -118,14 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-cases", type=int, default=8)
     parser.add_argument("--test-cases", type=int, default=8, help="per modality")
     parser.add_argument("--work", type=Path, help="keep data, runs and evaluations here (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "domain_gap.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "domain_gap.json")
     parser.add_argument("--redraw", action="store_true", help="only rewrite the .md from an existing --out JSON")
     args = parser.parse_args(argv)
     if args.redraw:
         result = json.loads(args.out.read_text())
-        md = markdown(result, args.out)
-        args.out.with_suffix(".md").write_text(md)
-        print(md)
+        write_text(args.out.with_suffix(".md"), markdown(result, args.out))
         return result
 
     torch.set_num_threads(THREADS)
@@ -160,19 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "gap_ct_minus_mri": by_modality["CT"]["mean_dice"] - by_modality["MRI"]["mean_dice"]}
 
     total = time.perf_counter() - started
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    command = shlex.join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     result = {
-        "command": command,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": THREADS,
-            "load_average_1min": load,
-        },
+        **provenance(threads=THREADS),
         "setting": {
             "preset": "quick",
             "train": f"{args.train_cases} phantom CT cases (write_phantom_datasets seed {TRAIN_SEED}), all for "
@@ -187,13 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": round(total, 1),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-
-    md = markdown(result, args.out)
-    args.out.with_suffix(".md").write_text(md)
-    print(json.dumps(result, indent=2))
-    print(md)
+    write_result(args.out, result)
+    write_text(args.out.with_suffix(".md"), markdown(result, args.out))
     if tmp is not None:
         tmp.cleanup()
     return result

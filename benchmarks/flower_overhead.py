@@ -42,10 +42,11 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, now_iso, write_result  # noqa: E402
+
 GOAL = 1.15
 ROUND_LINE = re.compile(r"^round (\d+)/(\d+) \((\d+)s\)")
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="steps per local epoch (default: sized to --target)")
     parser.add_argument("--ct", type=int, default=5, help="CT phantom cases")
     parser.add_argument("--mri", type=int, default=5, help="MRI phantom cases")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "flower_overhead.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "flower_overhead.json")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 carries the start-up)")
@@ -208,9 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = wall / critical
     first = per_round[0]
     result = {
-        "command": shlex.join(["python", "benchmarks/flower_overhead.py",
-                               *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(argv, script=__file__),
+        "date": now_iso(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "load_average_1min_before": round(load_before, 2),
                     "load_average_1min_after": round(os.getloadavg()[0], 2)},
@@ -236,9 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goal": GOAL,
         "meets_goal": ratio <= GOAL,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return result
 
 

@@ -12,15 +12,10 @@ Usage: ``python benchmarks/gin_overhead.py [--repeats 20] [--out docs/results/gi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,7 +24,9 @@ from monai.losses import DiceCELoss
 from fedgin.augment import GIN
 from fedgin.model import ModelConfig, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, provenance, write_result  # noqa: E402
+
 GOAL = 0.03
 BATCH, SIZE, THREADS = 8, (128, 128), 2
 
@@ -57,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "gin_overhead.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gin_overhead.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(THREADS)
@@ -91,19 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.warmup,
     )
     t_step, t_gin, loop_ms = ms["step"], ms["gin"], ms["loop"]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     result = {
-        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_1min": load,
-        },
+        **provenance(),
         "setting": {
             "model": "build_model(ModelConfig())",
             "batch": BATCH,
@@ -123,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batched_ms": round(t_gin, 3),
         "speedup": round(loop_ms / t_gin, 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return result
 
 

@@ -20,19 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from fedgin.config import SiteSpec, resolve
+from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.inference import predict_preprocessed_labels
+from fedgin.labels import get_scheme
+from fedgin.metrics import dice_score
+from fedgin.model import build_model
+from fedgin.runs import load_sites
+from fedgin.trainer import Trainer, seed_everything
 
-from _common import machine_info, command_line, now_iso  # noqa: E402
-
-from fedgin.config import SiteSpec, resolve  # noqa: E402
-from fedgin.data.phantoms import write_phantom_datasets  # noqa: E402
-from fedgin.inference import predict_preprocessed_labels  # noqa: E402
-from fedgin.labels import get_scheme  # noqa: E402
-from fedgin.metrics import dice_score  # noqa: E402
-from fedgin.model import build_model  # noqa: E402
-from fedgin.runs import load_sites  # noqa: E402
-from fedgin.trainer import Trainer, seed_everything  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, provenance, write_result, write_text  # noqa: E402
 
 CANDIDATES = [
     ((8, 16, 32, 64), 1e-3),
@@ -86,12 +84,11 @@ def main() -> None:
                    "dice": dice, "mean_dice": round(float(np.mean(vals)), 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"command": command_line(), "date": now_iso(), "machine": machine_info(),
+    result = {**provenance(),
               "setting": f"phantom CT, 10 training cases, {args.steps} steps of batch 8 at 128x128, no GIN; "
                          "test: 4 held-out phantom CT cases, per-case 3D Dice in preprocessed space",
               "rows": rows}
-    out = ROOT / "docs" / "results"
-    (out / "model_size.json").write_text(json.dumps(result, indent=2))
+    write_result("model_size", result)
     lines = ["# Model size and quick-preset learning rate", "", f"`{result['command']}` on {result['date']}, "
              f"{result['machine']['cpu_count']} CPU cores. {result['setting']}.", "",
              "| channels | lr | parameters | slices/s | liver | kidneys | spleen | pancreas | gallbladder | mean |",
@@ -100,8 +97,7 @@ def main() -> None:
         d = r["dice"]
         lines.append(f"| {'-'.join(map(str, r['channels']))} | {r['lr']:g} | {r['parameters']:,} | "
                      f"{r['slices_per_s']} | " + " | ".join(str(d[o]) for o in scheme.organs) + f" | {r['mean_dice']} |")
-    (out / "model_size.md").write_text("\n".join(lines) + "\n")
-    print((out / "model_size.md").read_text())
+    write_text(RESULTS / "model_size.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,18 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, provenance, write_result  # noqa: E402
+
 GOAL_S = 3.0
 THREADS = 2
 REAL = {
@@ -113,14 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "abdomen-ct-mr")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per volume; median reported")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "predict_speed.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "predict_speed.json")
     parser.add_argument("--child", nargs=3, metavar=("VOLUME", "MODEL", "MODALITY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(*args.child)
         return {}
-
-    import torch
 
     with tempfile.TemporaryDirectory(prefix="fedgin-predict-bench-") as tmp:
         tmp = Path(tmp)
@@ -147,18 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
             "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rows), 1),
             "meets_goal": seconds <= GOAL_S,
         }
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
-        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": THREADS,
-            "load_average_1min": load,
-        },
+        **provenance(threads=THREADS),
         "setting": {
             "path": "fedgin.predict.predict(volume, out, model, modality=...): checkpoint load, NIfTI read, "
                     "preprocess, slice-wise inference (batch 32), back to the input grid, write",
@@ -172,9 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "volumes": results,
         "meets_goal": all(r["meets_goal"] for r in results.values()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return result
 
 

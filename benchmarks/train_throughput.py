@@ -30,17 +30,12 @@ import argparse
 import copy
 import cProfile
 import io
-import json
-import os
-import platform
 import pstats
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +49,9 @@ from fedgin.losses import PartialLabelDiceCELoss
 from fedgin.model import ModelConfig, build_model
 from fedgin.trainer import Trainer, seed_everything
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, provenance, write_result  # noqa: E402
+
 GOAL = 0.9
 BATCH, THREADS, LR, WEIGHT_DECAY = 8, 2, 5e-4, 1e-4
 
@@ -77,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="optimisation steps per timed fit call")
     parser.add_argument("--cases", type=int, default=3, help="phantom CT cases preloaded")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of Trainer.fit (GIN off)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "train_throughput.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(THREADS)
@@ -154,22 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
         profile_text = buf.getvalue()
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     ratio = best["trainer"] / best["bare"]
 
     def rounded(value: float | None, digits: int = 4) -> float | None:
         return None if value is None else round(value, digits)
     result = {
-        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_1min": load,
-        },
+        **provenance(),
         "setting": {
             "model": f"build_model(ModelConfig(out_channels={scheme.num_classes}))",
             "batch": BATCH,
@@ -199,9 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_goal": ratio >= GOAL,
         "repeats_slices_per_s": {name: [round(v, 2) for v in values] for name, values in rates.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     if profile_text:
         print(profile_text)
     return result

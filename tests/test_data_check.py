@@ -85,12 +85,14 @@ def _zero_size(root: Path) -> Path:
     return path
 
 
-def _with_value(value: float) -> Callable[[Path], Path]:
+def _voxel(volume: Callable[[Path], Path], value, dtype) -> Callable[[Path], Path]:
+    """Damage: case_000's image or label (``volume`` is ``_image`` or ``_label``) cast to ``dtype``,
+    with one voxel set to ``value``."""
     def damage(root: Path) -> Path:
-        path = _image(root)
-        image = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
-        image[3, 4, 2] = value
-        write_volume(path, image, AFFINE)
+        path = volume(root)
+        data = np.asanyarray(nib.load(str(path)).dataobj).astype(dtype)
+        data[3, 4, 2] = value
+        write_volume(path, data, AFFINE)
         return path
 
     return damage
@@ -109,17 +111,6 @@ def _label_affine(root: Path) -> Path:
     shifted[:3, 3] = (0.0, 0.0, 12.0)
     write_volume(path, label, shifted)
     return path
-
-
-def _label_value(value, dtype) -> Callable[[Path], Path]:
-    def damage(root: Path) -> Path:
-        path = _label(root)
-        label = np.asanyarray(nib.load(str(path)).dataobj).astype(dtype)
-        label[3, 4, 2] = value
-        write_volume(path, label, AFFINE)
-        return path
-
-    return damage
 
 
 def _missing_label(root: Path) -> Path:
@@ -168,14 +159,14 @@ MALFORMED = {
     "2d-volume": (_two_d, r"expected a 3D volume, got 2D shape \(24, 20\)"),
     "4d-volume": (_four_d, r"expected a 3D volume, got 4D shape \(24, 20, 6, 3\)"),
     "zero-size-axis": (_zero_size, r"zero-size axis in shape \(24, 0, 6\)"),
-    "nan-in-image": (_with_value(np.nan), r"image contains NaN or Inf values"),
-    "inf-in-image": (_with_value(np.inf), r"image contains NaN or Inf values"),
+    "nan-in-image": (_voxel(_image, np.nan, np.float32), r"image contains NaN or Inf values"),
+    "inf-in-image": (_voxel(_image, np.inf, np.float32), r"image contains NaN or Inf values"),
     "label-shape": (_label_shape, r"label shape \(24, 20, 5\) != image shape \(24, 20, 6\)"),
     "label-affine": (_label_affine, r"label affine differs from the image affine"),
-    "label-id-9": (_label_value(9, np.uint8), r"label ids \[9\] are not in the dataset's label mapping"),
-    "fractional-label": (_label_value(1.5, np.float32),
+    "label-id-9": (_voxel(_label, 9, np.uint8), r"label ids \[9\] are not in the dataset's label mapping"),
+    "fractional-label": (_voxel(_label, 1.5, np.float32),
                          r"label contains fractional values; expected integer label ids"),
-    "negative-label": (_label_value(-1, np.int16), r"label contains negative id -1"),
+    "negative-label": (_voxel(_label, -1, np.int16), r"label contains negative id -1"),
     "missing-label": (_missing_label, r"missing label for case case_000"),
     "no-channel_names": (_drop_channel_names, r"missing key\(s\): channel_names"),
     "invalid-json": (_invalid_json, r"invalid JSON \(.+\)"),
@@ -218,7 +209,7 @@ def test_bad_input_is_one_error_line_and_leaves_inputs_untouched(kind, make_nnun
 
 def test_each_bad_case_gets_its_own_line_and_good_cases_still_listed(make_nnunet, capsys):
     root = make_nnunet(cases=["case_000", "case_001", "case_002"])
-    nan_image = _with_value(np.nan)(root)
+    nan_image = _voxel(_image, np.nan, np.float32)(root)
     bad_label = _label(root, "case_001")
     label = np.asanyarray(nib.load(str(bad_label)).dataobj).copy()
     label[0, 0, 0] = 9
