@@ -13,7 +13,10 @@ class ModelConfig:
     """Architecture of the U-Net; it travels inside every checkpoint.
 
     ``channels`` are the feature maps per level (the paper's 2D U-Net: 32-64-128-256); the
-    ``quick`` preset halves them for 2 CPU cores. BatchNorm so that FedBN has layers to keep local.
+    ``quick`` preset halves them for 2 CPU cores. ``norm`` is ``"instance"`` (default: affine
+    instance norm, as nnU-Net; per-image statistics, so GIN's wildly varying training intensities
+    leave no running statistics that mismatch clean test images) or ``"batch"``. FedBN keeps the
+    normalisation layers' parameters local either way.
     """
 
     spatial_dims: int = 2
@@ -22,7 +25,7 @@ class ModelConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
-    norm: str = "batch"
+    norm: str = "instance"
     dropout: float = 0.0
 
     def to_dict(self) -> dict:
@@ -46,6 +49,6 @@ def build_model(cfg: ModelConfig) -> torch.nn.Module:
         channels=cfg.channels,
         strides=cfg.strides,
         num_res_units=cfg.num_res_units,
-        norm=cfg.norm,
+        norm=(cfg.norm, {"affine": True}) if cfg.norm == "instance" else cfg.norm,
         dropout=cfg.dropout,
     )
