@@ -15,7 +15,7 @@ from .evaluate import evaluate
 from .labels import get_scheme
 from .report import write_run_report
 
-DEMO_ROUNDS = 13
+DEMO_ROUNDS = 10
 
 
 def run_demo(out: Path, *, seed: int = 0, rounds: int | None = None, log=print) -> Path:
