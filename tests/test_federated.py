@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import ssl
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,15 +34,15 @@ from fedgin.federated.task import run_config_to_json
 from fedgin.labels import get_scheme
 from fedgin.model import build_model
 from fedgin.runs import load_sites
+from loopback import BIN, REPO, TINY, Loopback, tiny_config
+from loopback import alive as _alive
+from loopback import stop as _stop
+from loopback import wait as _wait
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ORGANS = get_scheme("abdomen5").organs
 #: what a site may send besides the weights: numbers only (no case ids, paths or names)
 TRAIN_METRICS = {"num-examples", "loss", "seconds", "modality", "site-index", *(f"dice-{o}" for o in ORGANS)}
 EVALUATE_METRICS = {"num-examples", "modality", "site-index", *(f"dice-{o}" for o in ORGANS)}
-#: the smallest run that still trains, validates and aggregates
-TINY = {"steps_per_epoch": 2, "batch_size": 2, "num_threads": 1, "validate": True}
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +50,6 @@ def sites(tmp_path_factory) -> dict[str, Path]:
     """A CT and an MRI phantom site of 4 cases each (2 training, 1 validation, 1 test)."""
     ct, mri = write_phantom_datasets(tmp_path_factory.mktemp("phantoms"), n_ct=4, n_mri=4, seed=0)
     return {"ct": ct, "mri": mri}
-
-
-def tiny_config(out: Path, sites: dict[str, Path | str], **overrides) -> RunConfig:
-    return resolve("quick", command="test", out=str(out), sites=tuple(SiteSpec(n, str(p)) for n, p in sites.items()),
-                   train_overrides=TINY, rounds=2, local_epochs=1, **overrides)
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +113,8 @@ def _only_numbers(record: MetricRecord) -> None:
 
 def test_client_train_reply_holds_exactly_the_weights_and_scalar_metrics(sites, tmp_path):
     cfg = tiny_config(tmp_path / "run", {"ct": sites["ct"]})
+    # BatchNorm (not the default instance norm) so the reply carries an integer buffer to check
+    cfg = replace(cfg, model=replace(cfg.model, norm="batch"))
     message = _instructions(cfg, "train", tmp_path)
 
     reply = delivered(client_app.app(message, simulation_context()))
@@ -366,147 +358,6 @@ def test_federate_writes_each_round_and_resumes_exactly(sites, tmp_path):
 
 
 # --- 4. a real deployment: SuperLink with TLS and SuperNode auth, two SuperNodes -----------------
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # the parent id is the 2nd field after the parenthesised command name
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def _with_descendants(pids: list[int]) -> list[int]:
-    tree, found, todo = _children(), [], list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.append(pid)
-            todo.extend(tree.get(pid, []))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child of this process counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _stop(procs: list[subprocess.Popen]) -> list[int]:
-    """Stop every process started here and all their descendants, by PID (SuperExec children run
-    in their own session, so the tree is collected before anything is killed); returns the PIDs."""
-    pids = _with_descendants([p.pid for p in procs if p.poll() is None])
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-            for p in procs:
-                p.poll()
-            time.sleep(0.1)
-    for p in procs:
-        p.wait(timeout=10)
-    return pids
-
-
-class Loopback:
-    """Flower's processes on 127.0.0.1, started by this test and stopped by PID."""
-
-    def __init__(self, root: Path):
-        from fedgin.federated.certs import write_node_key, write_tls_files
-
-        self.root = root
-        self.certs = write_tls_files(root / "certs", ("127.0.0.1", "localhost"))
-        self.keys = {name: write_node_key(root / "certs", name) for name in ("ct", "mri", "stranger")}
-        self.procs: list[subprocess.Popen] = []
-        self.logs = root / "logs"
-        self.logs.mkdir()
-        self.port, *self.node_ports = _free_ports(5)
-        self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(root / "flwr-cli"),
-                        OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-    def start(self, name: str, args: list[str], **env) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **env},
-                                cwd=self.root)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def start_superlink(self) -> None:
-        proc = self.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs["ca"]),
-            "--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"]),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ], FLWR_HOME=str(self.root / "superlink"))
-        context = ssl.create_default_context(cafile=str(self.certs["ca"]))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", context=context, timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, self.log("superlink")
-                assert time.monotonic() < deadline, "SuperLink not up in 60 s:\n" + self.log("superlink")
-                time.sleep(0.2)
-        home = Path(self.env["FLWR_HOME"])
-        home.mkdir()
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs["ca"]}"\n')
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout,
-                              env=self.env, cwd=self.root)
-
-    def supernode(self, name: str, port: int, *args: str) -> subprocess.Popen:
-        return self.start(f"supernode-{name}", [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(port), *args,
-        ], FLWR_HOME=str(self.root / "nodes" / name))
-
-    def wait_connected(self, name: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while "SuperNode ID" not in self.log(f"supernode-{name}"):
-            assert proc.poll() is None, self.log(f"supernode-{name}")
-            assert time.monotonic() < deadline, f"SuperNode {name} not connected:\n" + self.log(f"supernode-{name}")
-            time.sleep(0.2)
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
 
 @pytest.mark.slow
 def test_deployment_with_tls_and_supernode_authentication(sites, tmp_path):

@@ -40,6 +40,9 @@ class FedginMixin:
     min_sites: int
     round_offset: int = 0
     local_keys: frozenset[str] = frozenset()
+    num_sites: int = 0
+    train_sent: list[Message]
+    node_sites: dict[int, int]  # node id -> site index, learnt from the node's replies
 
     def _config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
         config = ConfigRecord(dict(config))
@@ -48,8 +51,15 @@ class FedginMixin:
         return config
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return super().configure_train(server_round + self.round_offset, arrays,
-                                       self._config(config, server_round), grid)
+        messages = list(super().configure_train(server_round + self.round_offset, arrays,
+                                                self._config(config, server_round), grid))
+        # kept to tell, after the round, which node each reply answers and which node never
+        # replied (the Grid sets each message's id when it sends it)
+        self.train_sent = messages
+        if 0 < len(messages) < self.num_sites:
+            self.recorder.log(f"round {server_round + self.round_offset}: {len(messages)} of {self.num_sites} "
+                              "sites connected; the others are left out of this round")
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return super().configure_evaluate(server_round + self.round_offset, arrays,
@@ -59,7 +69,18 @@ class FedginMixin:
         absolute = server_round + self.round_offset
         replies = list(replies)
         valid = [r for r in replies if not r.has_error()]
-        failures = [f"node {r.metadata.src_node_id}: {_error_line(r)}" for r in replies if r.has_error()]
+        # an error the SuperLink sends for a node (node unavailable) comes from node 0: name the
+        # node the instruction went to
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self.train_sent if m.metadata.message_id}
+        node_of = {id(r): sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+        for r in valid:
+            self.node_sites[node_of[id(r)]] = int(r.content["metrics"]["site-index"])
+        failures = [f"{self._node_name(node_of[id(r)])}: {_error_line(r)}" for r in replies if r.has_error()]
+        # a node that died or hangs sends nothing: Flower stops waiting at the round timeout
+        answered = set(node_of.values())
+        failures += [f"{self._node_name(node)}: no reply within the round timeout"
+                     for node in dict.fromkeys(sent.values()) if node not in answered]
+        self.train_sent = []
         # a fixed order makes the floating-point sums, and so a resumed run, repeatable
         valid.sort(key=lambda r: int(r.content["metrics"]["site-index"]))
         self.recorder.record_train(absolute, [dict(r.content["metrics"]) for r in valid], failures)
@@ -81,6 +102,10 @@ class FedginMixin:
         # client overwrites them with its own before training and evaluating
         fixed = restore_dtypes(plain, self.reference)
         return ArrayRecord({k: Array(v) for k, v in fixed.items()}), metrics
+
+    def _node_name(self, node_id: int) -> str:
+        index = self.node_sites.get(node_id)
+        return f"node {node_id}" if index is None else f"node {node_id} (site {self.recorder.site_name(index)})"
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = [r for r in replies if not r.has_error()]
@@ -157,6 +182,9 @@ def make_strategy(name: str, *, num_sites: int, min_sites: int, recorder: RoundR
     strategy.reference = reference
     strategy.run_config_json = run_config_json
     strategy.min_sites = min_sites
+    strategy.num_sites = num_sites
+    strategy.train_sent = []
+    strategy.node_sites = {}
     strategy.round_offset = round_offset
     strategy.local_keys = local_keys
     return strategy
