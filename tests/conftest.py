@@ -21,17 +21,10 @@ import numpy as np
 import pytest
 
 from fedgin.data.nifti import write_volume
+from fedgin.data.phantoms import PHANTOM_LABELS
 
-#: The label map of the shared bundle and of most fixtures: source id per structure name.
-ABDOMEN_LABELS: dict[str, int] = {
-    "background": 0,
-    "liver": 1,
-    "kidney_right": 2,
-    "kidney_left": 3,
-    "spleen": 4,
-    "pancreas": 5,
-    "gallbladder": 6,
-}
+#: The label map of the shared bundle and of most fixtures (the phantoms use the same table).
+ABDOMEN_LABELS: dict[str, int] = dict(PHANTOM_LABELS)
 
 #: Default volume: 24 x 20 voxels in-plane, 6 slices.
 SHAPE: tuple[int, int, int] = (24, 20, 6)
