@@ -9,6 +9,9 @@ Fixtures (all function-scoped):
 - ``shared_data``: ``../shared/data/abdomen-ct-mr`` beside the checkout, or the test is skipped.
 - ``FEDGIN_CACHE_DIR`` points at a fresh temporary folder in every test (autouse), so no test reads
   or writes ``~/.cache/fedgin``.
+- torch's process-wide state (thread count, deterministic algorithms), which ``--threads``, the
+  trainer's seeding and the ClientApp set, is restored after every test and after every module
+  (autouse; the module level covers module-scoped fixtures that train).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedgin.data.nifti import write_volume
 from fedgin.data.phantoms import PHANTOM_LABELS
@@ -156,3 +160,31 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     cache = tmp_path_factory.mktemp("fedgin-cache")
     monkeypatch.setenv("FEDGIN_CACHE_DIR", str(cache))
     return cache
+
+
+def _torch_state() -> tuple[int, bool, bool]:
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def _set_torch_state(state: tuple[int, bool, bool]) -> None:
+    threads, deterministic, warn_only = state
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_state_per_module():
+    """Module-scoped fixtures that train change torch's process-wide state; the next module gets
+    its own back."""
+    state = _torch_state()
+    yield
+    _set_torch_state(state)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    """A test that trains (``--threads``, seeding) leaves the next test the state it found."""
+    state = _torch_state()
+    yield
+    _set_torch_state(state)

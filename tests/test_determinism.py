@@ -18,14 +18,6 @@ from fedgin.data.phantoms import write_phantom_datasets
 TINY = ["--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """These tests train with one thread; later tests get the process's setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def numbers(run: Path) -> list[dict]:
     """The metrics lines without their wall-clock field."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

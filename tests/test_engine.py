@@ -83,18 +83,6 @@ def rotation(axis, degrees: float) -> np.ndarray:
 # --- shared phantom data and runs -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_threads():
-    """``--threads`` and the trainer's seeding set process-wide torch state; give the next module
-    its own back."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("engine-cache")

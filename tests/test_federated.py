@@ -53,14 +53,6 @@ def sites(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """The ClientApp trains with the run's thread count; later tests get the process's back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def _server_task_identity(monkeypatch):
     """Flower 1.42 stamps instruction messages with the identity of the process's task, which
     the ServerApp runtime sets; the tests build the server's messages, so they set it the same way."""

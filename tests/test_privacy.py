@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import (DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord,
                       RecordDict)
 from flwr.common.serde import recorddict_to_proto
@@ -33,14 +32,6 @@ ORGANS = get_scheme("abdomen5").organs
 DICE_KEYS = {f"dice-{o}" for o in ORGANS}
 TRAIN_METRICS = {"num-examples", "loss", "seconds", "modality", "site-index"} | DICE_KEYS
 EVALUATE_METRICS = {"num-examples", "modality", "site-index"} | DICE_KEYS
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """These tests train with one thread; later tests get the process's setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

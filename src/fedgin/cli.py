@@ -50,6 +50,10 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
 
 
+NO_OVERLAYS_HELP = ("no prediction overlays on test slices in the report (they show patient images: "
+                    "leave them out of published results of real scans)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgin", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -105,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--split")
     p.add_argument("--cache-dir")
+    p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP)
 
     p = sub.add_parser("report", help="(re)draw tables and plots for a run, an evaluation or an experiment")
     p.add_argument("dir")
+    p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP + " (experiment dirs)")
 
     p = sub.add_parser("evaluate", help="per-case 3D Dice and HD95 per organ and modality")
     p.add_argument("--model", required=True, help="run dir or checkpoint file")
@@ -243,13 +249,14 @@ def cmd_experiment(args) -> int:
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
     report = run_experiment(list(args.site), scenarios, methods, args.seeds, out, preset=args.preset,
                             rounds=args.rounds, local_epochs=args.local_epochs,
-                            steps_per_epoch=args.steps_per_epoch, split_file=args.split, cache_dir=args.cache_dir)
+                            steps_per_epoch=args.steps_per_epoch, split_file=args.split, cache_dir=args.cache_dir,
+                            overlays=not args.no_overlays)
     meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
     meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, args.seeds
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
     from .experiment import write_results
 
-    report = write_results(out, scenarios, methods, args.seeds)
+    report = write_results(out, scenarios, methods, args.seeds, overlays=not args.no_overlays)
     print(f"wrote {report}")
     return 0
 
@@ -265,7 +272,12 @@ def cmd_report(args) -> int:
         from .experiment import write_results
 
         meta = json.loads((path / "experiment.json").read_text())
-        report = write_results(path, meta["scenarios"], meta["methods"], meta["seeds"])
+        overlays = not args.no_overlays
+        if overlays:  # they need the runs' models and the test scans
+            from .overlays import draw_overlays
+
+            draw_overlays(path, meta["scenarios"], meta["methods"])
+        report = write_results(path, meta["scenarios"], meta["methods"], meta["seeds"], overlays=overlays)
     elif (path / "config.json").exists():
         eval_dir = path / "eval" if (path / "eval" / "summary.json").exists() else None
         report = write_run_report(path, eval_dir, path / "report.md", title=f"fedgin run {path.name}")

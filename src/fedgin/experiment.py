@@ -85,8 +85,11 @@ def _run_dir(out: Path, scenario: str, method: str, seed: int) -> Path:
 def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str], seeds: int, out: Path, *,
                    preset: str = "quick", rounds: int | None = None, local_epochs: int | None = None,
                    steps_per_epoch: int | None = None, split_file: str | None = None, cache_dir: str | None = None,
-                   log=print) -> Path:
-    """Train and evaluate every (scenario, method, seed); write results and the report into ``out``."""
+                   overlays: bool = True, log=print) -> Path:
+    """Train and evaluate every (scenario, method, seed); write results and the report into ``out``.
+
+    ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images).
+    """
     from .evaluate import evaluate
     from .federated.launcher import federate
     from .runs import train_non_federated
@@ -118,7 +121,12 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
                          cache_dir=cache_dir)
                 (run / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
                 log(f"[{scenario} {method.name} seed {seed}] finished in {(time.perf_counter() - start) / 60:.1f} min")
-    return write_results(out, scenarios, [m.name for m in parsed], seeds)
+    names = [m.name for m in parsed]
+    if overlays:
+        from .overlays import draw_overlays
+
+        draw_overlays(out, scenarios, names, cache_dir=cache_dir, log=log)
+    return write_results(out, scenarios, names, seeds, overlays=overlays)
 
 
 def _train_method(base: RunConfig, method: Method, limits, modalities, train_non_federated, federate, log) -> Path:
@@ -185,8 +193,9 @@ def aggregate(rows: list[dict]) -> dict:
     return table
 
 
-def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: int) -> Path:
-    """``results.csv``, ``results.json`` and ``report.md`` (+ plots) from the finished runs."""
+def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: int, *, overlays: bool = True) -> Path:
+    """``results.csv``, ``results.json`` and ``report.md`` (+ plots) from the finished runs;
+    ``overlays``: the report shows the overlay PNGs drawn (:func:`fedgin.overlays.draw_overlays`)."""
     from .experiment_report import write_experiment_report
 
     rows = collect_rows(out, scenarios, methods, seeds)
@@ -200,4 +209,4 @@ def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: in
     table = aggregate(rows)
     (out / "results.json").write_text(json.dumps({"scenarios": scenarios, "methods": methods, "seeds": seeds,
                                                   "table": table}, indent=2))
-    return write_experiment_report(out, scenarios, methods, seeds, table)
+    return write_experiment_report(out, scenarios, methods, seeds, table, overlays=overlays)

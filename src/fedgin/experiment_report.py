@@ -1,5 +1,5 @@
-"""The experiment report: paper-style tables, Dice-per-round curves, a bar chart by method, and a
-reading of the paper's claims against what was measured."""
+"""The experiment report: paper-style tables, Dice-per-round curves, a bar chart by method, a
+reading of the paper's claims against what was measured, and prediction overlays."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .labels import get_scheme  # noqa: E402
+from .overlays import OVERLAY_DIR, overlay_paths  # noqa: E402
 from .report import read_metrics  # noqa: E402
 
 
@@ -111,8 +112,30 @@ def claims(table: dict, scenarios: list[str]) -> list[str]:
     return lines
 
 
+def overlay_lines(out: Path, scenarios: list[str], overlays: bool) -> list[str]:
+    """The report's overlay section: the PNGs under ``out/overlays``, or why there are none."""
+    lines = ["## Overlays", "",
+             "Overlays show patient images: for real scans they are kept out of published copies of the "
+             "results (`fedgin experiment` / `fedgin report` with `--no-overlays`).", ""]
+    if not overlays:
+        lines.append("Not drawn (`--no-overlays`).")
+        if any(overlay_paths(out, s) for s in scenarios):
+            lines.append(f"`{OVERLAY_DIR}/` still holds PNGs from an earlier call: delete it before publishing.")
+        return lines + [""]
+    drawn = {s: overlay_paths(out, s) for s in scenarios}
+    if not any(drawn.values()):
+        return lines + ["None drawn: no finished run with its model and test scans at hand (see the log).", ""]
+    lines += ["Seed 0's models on the first test case of each modality, on the axial slice with the most "
+              "annotated reference: image | reference | one panel per method, titled with that case's "
+              "mean Dice over its annotated organs. Organs a case does not annotate have no reference.", ""]
+    for scenario, paths in drawn.items():
+        if paths:
+            lines += [f"### {scenario}", ""] + [f"![{p.stem}]({OVERLAY_DIR}/{p.name})" for p in paths] + [""]
+    return lines
+
+
 def write_experiment_report(out: Path, scenarios: list[str], methods: list[str], seeds: int, table: dict,
-                            notes: list[str] | None = None) -> Path:
+                            notes: list[str] | None = None, overlays: bool = True) -> Path:
     scheme = get_scheme("abdomen5")
     lines = ["# fedgin experiment", ""]
     meta_path = out / "experiment.json"
@@ -144,6 +167,7 @@ def write_experiment_report(out: Path, scenarios: list[str], methods: list[str],
     bars = plot_bars(out, scenarios, methods, table)
     lines += ["## By method", "", f"![Dice by method]({bars.name})", "", "## The paper's claims, as measured", ""]
     lines += claims(table, scenarios)
+    lines += overlay_lines(out, scenarios, overlays)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
