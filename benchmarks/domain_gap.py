@@ -1,20 +1,45 @@
-"""The phantom domain gap: a model trained on phantom CT only, tested on unseen phantom CT and MRI,
-without and with GIN.
+"""The domain gap: a model trained on CT only, tested on unseen CT and MRI, without and with GIN
+(several GIN variants and training budgets): does GIN help a CT-only model on MRI, and what does it
+cost on CT?
 
 Setting: ``fedgin.config.resolve('quick', ...)`` (U-Net 16-32-64-128, 2.5 mm, 128 x 128 slices),
-local mode on one CT site of ``--train-cases`` phantom CT cases (every case used for training, no
-validation), ``--epochs`` x ``--steps`` optimisation steps of batch 8 at lr 1e-3, seed 0, 2 torch
-threads; the same run once with ``gin=False`` and once with ``gin=True`` (everything else equal).
-Test: fresh phantom datasets written with another seed (other patients), ``--test-cases`` CT and
-``--test-cases`` MRI cases with all organs annotated, scored by ``fedgin.evaluate.evaluate(...,
-cases="all")`` (per-case 3D Dice and HD95 on each case's own grid).
+local mode on one CT site, no validation, batch 8 at lr 1e-3, seed 0, 2 torch threads, on the CPU.
+Every (variant, budget) is one run, everything else equal:
+
+- variants (``--variants``): ``no-gin`` (``gin=False``), ``gin`` (``gin=True, gin_p=1.0``: the
+  paper's setting), ``gin-p0.5`` (``gin_p=0.5``: half of the slices augmented), ``gin+ipa``
+  (``gin=True, ipa=True``);
+- budgets (``--budgets``): total optimisation steps, each ``budget / --steps`` epochs of ``--steps``
+  steps (``--epochs`` instead gives one budget of ``--epochs`` x ``--steps``).
+
+Data (``--data``):
+
+- ``phantom`` (default): train on ``--train-cases`` phantom CT cases (every case used for training);
+  test on fresh phantom datasets written with another seed (other patients), ``--test-cases`` CT
+  and ``--test-cases`` MRI cases with all organs annotated, ``evaluate(..., cases="all")``.
+  Defaults: variants ``no-gin,gin``, 12 epochs x 50 steps = 600 steps.
+- ``real``: the shared bundle ``../shared/data/abdomen-ct-mr`` next to the repository
+  (``Dataset801_AbdomenCT``, ``Dataset802_AbdomenMR``) with fedgin's shipped split
+  (``fedgin/splits/abdomen-ct-mr.json``): train on the CT training split, test on the test split of
+  both datasets (2 CT, 4 MRI cases), ``evaluate(..., cases="test")``. Defaults: all four variants,
+  budgets 500 and 2000 steps of 100 steps per epoch. A missing bundle exits with status 2 and
+  writes nothing.
+
+Scores: per-case 3D Dice (and HD95) on each case's own grid, organs not annotated in a case ignored.
 
 Library calls only: ``fedgin.runs.train_non_federated`` (mode ``local``) then
-``fedgin.evaluate.evaluate``. Writes ``docs/results/domain_gap.json`` and ``docs/results/domain_gap.md``
-and prints the table.
+``fedgin.evaluate.evaluate``. Writes ``docs/results/domain_gap.json`` + ``.md`` (phantom) or
+``docs/results/domain_gap_real.json`` + ``.md`` (real), or ``--out`` and the ``.md`` next to it, and
+prints them. With ``--work``, every run keeps its folder there (``runs/<variant>_<budget>steps/``:
+the training run, ``eval/summary.json``, ``run.json``) next to a shared preprocessing cache; a run
+whose evaluation is already there is reused, an interrupted training is resumed, so a rerun
+continues an interrupted benchmark and a new budget or variant trains only what is new.
 
-Usage: ``python benchmarks/domain_gap.py [--epochs 12] [--steps 50] [--train-cases 8] [--test-cases 8]``
-(``--redraw`` rewrites the .md from the JSON without training).
+Usage:
+``python benchmarks/domain_gap.py [--epochs 12] [--steps 50] [--train-cases 8] [--test-cases 8]``
+(phantom), ``python benchmarks/domain_gap.py --data real [--budgets 500,2000] [--steps 100]
+[--variants no-gin,gin,gin-p0.5,gin+ipa] [--work DIR]`` (real);
+``--redraw`` rewrites the .md from the ``--out`` JSON without training.
 """
 
 from __future__ import annotations
@@ -25,13 +50,17 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from fedgin.config import SiteSpec, resolve
+from fedgin.data.datasets import open_dataset
 from fedgin.data.phantoms import CT_DATASET, write_phantom_datasets
+from fedgin.data.splits import builtin_split_files, split_for
 from fedgin.evaluate import evaluate
+from fedgin.labels import get_scheme
 from fedgin.runs import train_non_federated
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,138 +68,427 @@ from _common import RESULTS, ROOT, provenance, write_result, write_text  # noqa:
 
 THREADS = 2
 LR = 1e-3
-TRAIN_SEED, TEST_SEED = 0, 1
+SEED = 0
+TRAIN_SEED, TEST_SEED = 0, 1  # phantom writer seeds: training and test patients differ
 ORGANS = ("liver", "kidneys", "spleen", "pancreas", "gallbladder")
-VARIANTS = {"CT only, no GIN": False, "CT only + GIN": True}
+MODALITIES = ("CT", "MRI")
+BUNDLE = ROOT.parent / "shared" / "data" / "abdomen-ct-mr"
+REAL_CT, REAL_MR = "Dataset801_AbdomenCT", "Dataset802_AbdomenMR"
+
+# variant -> TrainConfig fields it sets, and what it means (for the .md)
+VARIANTS = {
+    "no-gin": ({"gin": False, "gin_p": 1.0, "ipa": False}, "GIN off"),
+    "gin": ({"gin": True, "gin_p": 1.0, "ipa": False}, "GIN on every training slice (p = 1, the paper's setting)"),
+    "gin-p0.5": ({"gin": True, "gin_p": 0.5, "ipa": False}, "GIN on half of the training slices (p = 0.5)"),
+    "gin+ipa": ({"gin": True, "gin_p": 1.0, "ipa": True}, "GIN + IPA (p = 1)"),
+}
+DEFAULTS = {
+    "phantom": {"variants": ("no-gin", "gin"), "steps": 50, "epochs": 12, "budgets": None,
+                "train_cases": 8, "test_cases": 8, "out": RESULTS / "domain_gap.json"},
+    "real": {"variants": tuple(VARIANTS), "steps": 100, "epochs": None, "budgets": (500, 2000),
+             "out": RESULTS / "domain_gap_real.json"},
+}
+# the labels the first version of this script gave its two runs (read by --redraw)
+LEGACY_VARIANTS = {"CT only, no GIN": "no-gin", "CT only + GIN": "gin"}
 
 
-def train(variant_dir: Path, ct: Path, case_ids: list[str], args, gin: bool, cache: Path) -> tuple[Path, dict]:
-    split = variant_dir / "split.json"
-    variant_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Data:
+    """Where a run trains and what it is tested on."""
+
+    train_ct: Path
+    test: list[Path]  # the CT and the MRI test dataset
+    split: str | None  # None: the split shipped with fedgin
+    cases: str  # evaluate's ``cases``
+
+
+def fail(message: str) -> None:
+    print(f"domain_gap: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def comma_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=tuple(DEFAULTS), default="phantom")
+    parser.add_argument("--variants", type=comma_list,
+                        help=f"comma list of {', '.join(VARIANTS)} (default: phantom "
+                             f"{','.join(DEFAULTS['phantom']['variants'])}; real all four)")
+    parser.add_argument("--budgets", type=comma_list,
+                        help="comma list of total optimisation steps, each a multiple of --steps "
+                             "(default: phantom --epochs x --steps; real 500,2000)")
+    parser.add_argument("--epochs", type=int, help="one budget of --epochs x --steps (phantom default 12)")
+    parser.add_argument("--steps", type=int, help="optimisation steps per epoch (default: phantom 50, real 100)")
+    parser.add_argument("--train-cases", type=int, help="phantom CT training cases (default 8)")
+    parser.add_argument("--test-cases", type=int, help="phantom test cases per modality (default 8)")
+    parser.add_argument("--bundle", type=Path, default=BUNDLE, help="the real data bundle (default: %(default)s)")
+    parser.add_argument("--work", type=Path,
+                        help="keep data, runs and evaluations here and reuse finished runs "
+                             "(default: a temporary folder)")
+    parser.add_argument("--out", type=Path, help="result JSON (default: docs/results/domain_gap.json for "
+                                                 "phantom, domain_gap_real.json for real)")
+    parser.add_argument("--redraw", action="store_true", help="only rewrite the .md from an existing --out JSON")
+    args = parser.parse_args(argv)
+    defaults = DEFAULTS[args.data]
+    if args.out is None:
+        args.out = defaults["out"]
+    if args.redraw:
+        return args
+
+    if args.data == "real" and (args.train_cases is not None or args.test_cases is not None):
+        parser.error("--train-cases and --test-cases are for --data phantom (real uses the shipped split)")
+    if args.data == "phantom":
+        args.train_cases = defaults["train_cases"] if args.train_cases is None else args.train_cases
+        args.test_cases = defaults["test_cases"] if args.test_cases is None else args.test_cases
+    args.variants = args.variants or list(defaults["variants"])
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or len(set(args.variants)) != len(args.variants):
+        parser.error(f"--variants: unknown or repeated {unknown or args.variants}; known: {', '.join(VARIANTS)}")
+    args.steps = defaults["steps"] if args.steps is None else args.steps
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.budgets is not None and args.epochs is not None:
+        parser.error("give --budgets (total steps) or --epochs (one budget of --epochs x --steps), not both")
+    if args.budgets is not None:
+        try:
+            budgets = [int(b) for b in args.budgets]
+        except ValueError:
+            parser.error(f"--budgets must be whole numbers of steps, got {','.join(args.budgets)}")
+    elif args.epochs is not None or defaults["budgets"] is None:
+        budgets = [(args.epochs if args.epochs is not None else defaults["epochs"]) * args.steps]
+    else:
+        budgets = list(defaults["budgets"])
+    bad = [b for b in budgets if b < 1 or b % args.steps]
+    if bad or not budgets or len(set(budgets)) != len(budgets):
+        parser.error(f"budgets {bad or budgets}: each a distinct positive multiple of --steps {args.steps}")
+    args.budgets = sorted(budgets)
+    return args
+
+
+def describe(args) -> dict:
+    """The ``setting`` of the result (also the identity of a run for reuse); reads the real split."""
+    common = {
+        "data": args.data,
+        "preset": "quick",
+        "steps_per_epoch": args.steps,
+        "budgets": args.budgets,
+        "variants": {v: VARIANTS[v][0] for v in args.variants},
+        "optimiser": f"batch 8, lr {LR}, training seed {SEED}, {THREADS} threads, CPU",
+        "metric": "per-case 3D Dice on the case's own grid, organs not annotated in a case ignored; mean "
+                  "(sd, n) over cases per organ; mean = mean over organs of the per-organ means",
+    }
+    if args.data == "phantom":
+        return {
+            **common,
+            "train": f"{args.train_cases} phantom CT cases (write_phantom_datasets seed {TRAIN_SEED}), all for "
+                     "training, no validation",
+            "test": f"{args.test_cases} phantom CT + {args.test_cases} phantom MRI cases "
+                    f"(write_phantom_datasets seed {TEST_SEED}: other patients), all organs annotated, "
+                    "evaluate(cases='all')",
+            "train_cases": args.train_cases,
+            "test_cases": args.test_cases,
+        }
+    scheme = get_scheme("abdomen5")
+    splits = {}
+    for name in (REAL_CT, REAL_MR):
+        dataset = open_dataset(args.bundle / name, scheme)
+        splits[name] = split_for(dataset.name, [c.case_id for c in dataset.cases], SEED)
+    shipped = [p.name for p in builtin_split_files()]
+    ct, mr = splits[REAL_CT], splits[REAL_MR]
+    return {
+        **common,
+        "bundle": str(args.bundle),
+        "split": f"fedgin/splits ({', '.join(shipped)})",
+        "train": f"the {len(ct.train)} CT training cases of the shipped split of {REAL_CT} "
+                 f"({', '.join(ct.train)}), no validation",
+        "test": f"the test split: {len(ct.test)} CT ({', '.join(ct.test)}) + {len(mr.test)} MRI "
+                f"({', '.join(mr.test)}) cases, evaluate(cases='test')",
+        "train_ids": list(ct.train),
+        "test_ids": {"CT": list(ct.test), "MRI": list(mr.test)},
+    }
+
+
+def prepare(args, work: Path) -> Data:
+    """Write the phantoms (deterministic, so rewriting them reproduces the same cases) or point at
+    the real bundle."""
+    if args.data == "real":
+        return Data(args.bundle / REAL_CT, [args.bundle / REAL_CT, args.bundle / REAL_MR], None, "test")
+    # the MRI dataset of the training seed is written (the writer makes both) but never used
+    train_ct, _ = write_phantom_datasets(work / "train", args.train_cases, 1, seed=TRAIN_SEED)
+    test_ct, test_mri = write_phantom_datasets(work / "test", args.test_cases, args.test_cases, seed=TEST_SEED)
+    case_ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (train_ct / "imagesTr").glob("*_0000.nii.gz"))
+    split = work / "phantom_split.json"
     split.write_text(json.dumps({"datasets": {CT_DATASET: {"train": case_ids, "val": [], "test": []}}}))
-    cfg = resolve(
-        "quick", command="benchmark domain_gap", out=str(variant_dir / "run"),
-        sites=(SiteSpec("ct", str(ct)),), mode="local", seed=0, split=str(split), cache_dir=str(cache),
-        device="cpu",
-        train_overrides={"epochs": args.epochs, "steps_per_epoch": args.steps, "lr": LR, "gin": gin,
-                         "validate": False, "num_threads": THREADS},
+    return Data(train_ct, [test_ct, test_mri], str(split), "all")
+
+
+def train_overrides(args, variant: str, budget: int) -> dict:
+    return {"epochs": budget // args.steps, "steps_per_epoch": args.steps, "lr": LR, **VARIANTS[variant][0],
+            "validate": False, "num_threads": THREADS}
+
+
+def run_config(args, data: Data, run_dir: Path, variant: str, budget: int, cache: Path):
+    return resolve(
+        "quick", command="benchmark domain_gap", out=str(run_dir / "run"), sites=(SiteSpec("ct", str(data.train_ct)),),
+        mode="local", seed=SEED, split=data.split, cache_dir=str(cache), device="cpu",
+        train_overrides=train_overrides(args, variant, budget),
     )
+
+
+def run_key(setting: dict, variant: str, budget: int, train_config: dict) -> dict:
+    """What must match for a run folder under ``--work`` to be reused or resumed."""
+    keep = ("data", "train", "test", "bundle", "train_ids", "test_ids")
+    key = {"setting": {k: setting[k] for k in keep if k in setting}, "variant": variant, "budget": budget,
+           "train_config": train_config}
+    return json.loads(json.dumps(key))  # as it reads back from run.json
+
+
+def train(cfg, run_dir: Path, key: dict) -> dict:
+    """Train (resuming an interrupted run in ``run_dir``) and return what the result keeps."""
+    resume = (run_dir / "run").is_dir() and any((run_dir / "run").iterdir())
     start = time.perf_counter()
-    run = train_non_federated(cfg, log=lambda line: print(line, flush=True)) / "ct"
+    run = train_non_federated(cfg, resume=resume, log=lambda line: print(line, flush=True)) / "ct"
     seconds = time.perf_counter() - start
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return run, {"train_seconds": round(seconds, 1), "final_loss": round(lines[-1]["loss"], 4),
-                 "loss_per_epoch": [round(x["loss"], 4) for x in lines], "config": cfg.train.__dict__}
+    return {"train_seconds": round(seconds, 1), "resumed": resume, "final_loss": round(lines[-1]["loss"], 4),
+            "loss_per_epoch": [round(x["loss"], 4) for x in lines], "config": key["train_config"]}
 
 
-def table(results: dict) -> list[str]:
-    head = "| model | test set | " + " | ".join(ORGANS) + " | mean |"
-    rows = [head, "|" + "---|" * (len(ORGANS) + 3)]
-    for variant, res in results.items():
-        for modality in ("CT", "MRI"):
+def scores(summary: dict) -> dict:
+    """Per modality: organ Dice stats, HD95 stats, mean Dice, case count, and per-case Dice."""
+    by_modality = {}
+    for modality in MODALITIES:
+        stats = summary["by_modality"][modality]
+        by_modality[modality] = {
+            **{o: stats[o]["dice"] for o in ORGANS},
+            "hd95_mm": {o: stats[o]["hd95"] for o in ORGANS},
+            "mean_dice": stats["mean_dice"],
+            "cases": stats["cases"],
+            "per_case_dice": {r["case"]: {o: r["metrics"][o]["dice"] for o in ORGANS}
+                              for r in summary["metric_per_case"] if r["modality"] == modality},
+        }
+    return by_modality
+
+
+def run_all(args, setting: dict, work: Path) -> dict:
+    """Every (budget, variant): reuse its evaluation from ``work`` or train and evaluate it."""
+    cache = work / "cache"
+    plan = []
+    for budget in args.budgets:
+        for variant in args.variants:
+            run_dir = work / "runs" / f"{variant}_{budget}steps"
+            train_config = resolve("quick", command="", out="", sites=(),
+                                   train_overrides=train_overrides(args, variant, budget)).train
+            key = run_key(setting, variant, budget, asdict(train_config))
+            record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else None
+            if record is not None and record["key"] != key:
+                fail(f"{run_dir} holds a run with other settings; use another --work or remove that folder")
+            plan.append((budget, variant, run_dir, key, record))
+
+    data = None
+    results: dict[str, dict] = {}
+    for budget, variant, run_dir, key, record in plan:
+        summary_path = run_dir / "eval" / "summary.json"
+        reused = bool(record and record.get("train") and summary_path.exists())
+        if reused:
+            print(f"[{variant}, {budget} steps] reusing {summary_path}", flush=True)
+            info = record["train"]
+        else:
+            data = data or prepare(args, work)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if record is None or not record.get("train"):
+                (run_dir / "run.json").write_text(json.dumps({"key": key, "train": None}, indent=2))
+                info = train(run_config(args, data, run_dir, variant, budget, cache), run_dir, key)
+                (run_dir / "run.json").write_text(json.dumps({"key": key, "train": info}, indent=2))
+            else:  # trained, but its evaluation did not finish
+                info = record["train"]
+            evaluate(str(run_dir / "run" / "ct"), [str(p) for p in data.test], str(run_dir / "eval"),
+                     cases=data.cases, device="cpu", cache_dir=str(cache))
+        by_modality = scores(json.loads(summary_path.read_text()))
+        results.setdefault(str(budget), {})[variant] = {
+            "variant": variant, "budget": budget, "epochs": budget // args.steps, "steps_per_epoch": args.steps,
+            **VARIANTS[variant][0], **info, "reused": reused, "by_modality": by_modality,
+            "gap_ct_minus_mri": by_modality["CT"]["mean_dice"] - by_modality["MRI"]["mean_dice"],
+        }
+    return results
+
+
+def upgrade(result: dict) -> dict:
+    """A result of the first version of this script (phantom, runs keyed by label) in today's shape."""
+    if "data" in result["setting"]:
+        return result
+    runs = {}
+    for label, res in result["results"].items():
+        cfg = res["config"]
+        variant = LEGACY_VARIANTS.get(label, "gin" if res["gin"] else "no-gin")
+        budget = cfg["epochs"] * cfg["steps_per_epoch"]
+        runs.setdefault(str(budget), {})[variant] = {
+            "variant": variant, "budget": budget, "epochs": cfg["epochs"], "steps_per_epoch": cfg["steps_per_epoch"],
+            **{k: cfg[k] for k in ("gin", "gin_p", "ipa")}, "reused": False, **res}
+    budgets = sorted(int(b) for b in runs)
+    steps = next(iter(runs[str(budgets[0])].values()))["steps_per_epoch"]
+    return {**result, "results": runs,
+            "setting": {**result["setting"], "data": "phantom", "budgets": budgets, "steps_per_epoch": steps}}
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def change(x: float) -> str:
+    """A difference of mean Dice, in words, at the 3 decimals the tables show."""
+    x = round(x, 3)
+    return "better" if x > 0 else "worse" if x < 0 else "unchanged"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def budget_title(budget: int, runs: dict) -> str:
+    any_run = next(iter(runs.values()))
+    return (f"{budget} steps ({plural(any_run['epochs'], 'epoch')} x "
+            f"{plural(any_run['steps_per_epoch'], 'step')})")
+
+
+def table(runs: dict, test_name: str) -> list[str]:
+    rows = ["| variant | test set | " + " | ".join(ORGANS) + " | mean |", "|" + "---|" * (len(ORGANS) + 3)]
+    for variant, res in runs.items():
+        for modality in MODALITIES:
             stats = res["by_modality"][modality]
-            cells = [f"{stats[o]['mean']:.3f}" if stats[o]["mean"] is not None else "-" for o in ORGANS]
-            rows.append(f"| {variant} | phantom {modality} ({stats['cases']}) | " + " | ".join(cells)
-                        + f" | **{stats['mean_dice']:.3f}** |")
+            cells = [fmt(stats[o]["mean"]) for o in ORGANS]
+            rows.append(f"| {variant} | {test_name}{modality} ({stats['cases']}) | " + " | ".join(cells)
+                        + f" | **{fmt(stats['mean_dice'])}** |")
     return rows
 
 
+def summary_table(results: dict, budgets: list[str], variants: list[str]) -> list[str]:
+    """MRI mean Dice (CT mean Dice), variant x budget; the best MRI score of each budget in bold."""
+    rows = ["| variant | " + " | ".join(f"{b} steps" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
+    best = {b: max(round(r["by_modality"]["MRI"]["mean_dice"] or 0, 3) for r in results[b].values()) for b in budgets}
+    for variant in variants:
+        cells = []
+        for b in budgets:
+            res = results[b].get(variant)
+            if res is None:
+                cells.append("-")
+                continue
+            mri, ct = res["by_modality"]["MRI"]["mean_dice"], res["by_modality"]["CT"]["mean_dice"]
+            cell = fmt(mri)
+            top = mri is not None and round(mri, 3) == best[b] and len(results[b]) > 1
+            cells.append((f"**{cell}**" if top else cell)
+                         + f" ({fmt(ct)})")
+        rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def findings(results: dict, budgets: list[str]) -> list[str]:
+    """One sentence per budget: the no-GIN gap, then each GIN variant's change on MRI and on CT."""
+    lines = []
+    for b in budgets:
+        runs = results[b]
+        base = runs.get("no-gin")
+        if base is None:
+            lines.append(f"- {b} steps: no `no-gin` run to compare the GIN variants with.")
+            continue
+        ct0, mri0 = base["by_modality"]["CT"]["mean_dice"], base["by_modality"]["MRI"]["mean_dice"]
+        parts = [f"- {b} steps: without GIN the CT-trained model scores {ct0:.3f} on CT and {mri0:.3f} on MRI "
+                 f"(gap {signed(ct0 - mri0)})."]
+        for variant, res in runs.items():
+            if variant == "no-gin":
+                continue
+            ct, mri = res["by_modality"]["CT"]["mean_dice"], res["by_modality"]["MRI"]["mean_dice"]
+            parts.append(f"`{variant}`: MRI {mri:.3f} ({signed(mri - mri0)}, {change(mri - mri0)}), "
+                         f"CT {ct:.3f} ({signed(ct - ct0)}, {change(ct - ct0)}).")
+        lines.append(" ".join(parts))
+    mri = {(v, b): round(r["by_modality"]["MRI"]["mean_dice"] or 0, 3) for b in budgets for v, r in results[b].items()}
+    if len(mri) > 1:
+        top = max(mri.values())
+        lines.append(f"- Best on MRI ({top:.3f}): " + ", ".join(f"`{v}` at {b} steps" for (v, b), x in mri.items()
+                                                               if x == top) + ".")
+    lines.append("- Final training loss (Dice + CE, last epoch): " + "; ".join(
+        f"{b} steps: " + ", ".join(f"{v} {r['final_loss']:.3f}" for v, r in results[b].items()) for b in budgets)
+        + ".")
+    return lines
+
+
 def markdown(result: dict, json_path: Path) -> str:
-    """``domain_gap.md``: the table, the numbers that answer the question, command, date, machine."""
+    """The .md: one table per budget, the summary table, sentences computed from the numbers, then
+    command, date, machine and times."""
+    result = upgrade(result)
     results, machine, setting = result["results"], result["machine"], result["setting"]
-    no_gin, gin = (results[v]["by_modality"] for v in VARIANTS)
+    real = setting["data"] == "real"
+    budgets = sorted(results, key=int)
+    variants = [v for v in VARIANTS if any(v in results[b] for b in budgets)]
     load = machine.get("load_average_1min")
+    runs = [r for b in budgets for r in results[b].values()]
+    reused = sum(r.get("reused", False) for r in runs)
     lines = [
-        "# Phantom domain gap: trained on CT, tested on CT and MRI",
+        "# Domain gap" + (" on the real bundle" if real else " on phantoms")
+        + ": trained on CT only, tested on CT and MRI, without and with GIN",
         "",
-        "Mean per-case 3D Dice per organ on unseen phantoms. Train: " + setting["train"] + ". Test: "
-        + setting["test"] + ".",
+        "Mean per-case 3D Dice per organ on " + ("the test split" if real else "unseen phantoms") + ". Train: "
+        + setting["train"] + ". Test: " + setting["test"] + "."
+        + (f" Quick preset, {setting['optimiser']}." if "optimiser" in setting else ""),
         "",
-        *table(results),
-        "",
-        f"- Without GIN the CT-trained model scores {no_gin['CT']['mean_dice']:.3f} on CT and "
-        f"{no_gin['MRI']['mean_dice']:.3f} on MRI (gap {no_gin['CT']['mean_dice'] - no_gin['MRI']['mean_dice']:+.3f}).",
-        f"- With GIN: {gin['CT']['mean_dice']:.3f} on CT and {gin['MRI']['mean_dice']:.3f} on MRI "
-        f"(gap {gin['CT']['mean_dice'] - gin['MRI']['mean_dice']:+.3f}); MRI "
-        f"{'improves' if gin['MRI']['mean_dice'] > no_gin['MRI']['mean_dice'] else 'does not improve'} "
-        f"({gin['MRI']['mean_dice'] - no_gin['MRI']['mean_dice']:+.3f}) and CT changes by "
-        f"{gin['CT']['mean_dice'] - no_gin['CT']['mean_dice']:+.3f} at this training budget.",
-        "- Final training loss (Dice + CE, last epoch): " + "; ".join(
-            f"{v}: {r['final_loss']:.3f}" for v, r in results.items()) + ".",
-        "",
+        "Variants: " + "; ".join(f"`{v}`: {VARIANTS[v][1]}" for v in variants) + ".",
+    ]
+    unscored = [o for o in ORGANS if all(r["by_modality"][m][o]["mean"] is None for r in runs for m in MODALITIES)]
+    if unscored:
+        lines += ["", f"'-': {', '.join(unscored)} not scored (no test case annotates "
+                      f"{'it' if len(unscored) == 1 else 'them'}); the mean is over the organs that are scored."]
+    for b in budgets:
+        lines += ["", f"## {budget_title(int(b), results[b])}", "", *table(results[b], "" if real else "phantom ")]
+    lines += ["", "## Summary: MRI mean Dice (CT mean Dice) by variant and budget", "",
+              *summary_table(results, budgets, variants), "", *findings(results, budgets), ""]
+    train_times = "; ".join(
+        f"{b} steps: " + ", ".join(f"{v} {r['train_seconds']:.0f} s" + (" (after resuming)" if r.get("resumed") else "")
+                                   for v, r in results[b].items()) for b in budgets)
+    lines += [
         f"- Command: `{result['command']}`",
         f"- Date: {result['date']}",
         f"- Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
         f"{machine['threads']} threads" + (f", load average {load:.1f}" if load is not None else ""),
-        f"- Total time: {result['total_seconds'] / 60:.1f} min (training "
-        + ", ".join(f"{v}: {r['train_seconds']:.0f} s" for v, r in results.items()) + ")",
-        f"- Full numbers (sd, n, HD95, loss per epoch): `{os.path.relpath(json_path, ROOT)}`",
+        f"- Total time: {result['total_seconds'] / 60:.1f} min"
+        + (f" ({reused} of {len(runs)} runs reused from an earlier invocation in the same --work)" if reused else ""),
+        f"- Training time per run: {train_times}",
+        f"- Full numbers (sd, n, HD95, per-case Dice, loss per epoch): `{os.path.relpath(json_path, ROOT)}`",
         "",
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=50, help="optimisation steps per epoch")
-    parser.add_argument("--train-cases", type=int, default=8)
-    parser.add_argument("--test-cases", type=int, default=8, help="per modality")
-    parser.add_argument("--work", type=Path, help="keep data, runs and evaluations here (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "domain_gap.json")
-    parser.add_argument("--redraw", action="store_true", help="only rewrite the .md from an existing --out JSON")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.redraw:
         result = json.loads(args.out.read_text())
         write_text(args.out.with_suffix(".md"), markdown(result, args.out))
         return result
+    if args.data == "real" and not all((args.bundle / n / "dataset.json").is_file() for n in (REAL_CT, REAL_MR)):
+        fail(f"real data bundle not found: {args.bundle} needs {REAL_CT}/ and {REAL_MR}/")
 
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
+    setting = describe(args)
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="fedgin-domain-gap-")
-        args.work = Path(tmp.name)
-    work = args.work
-    cache = work / "cache"
-    # the MRI dataset of the training seed is written (the writer makes both) but never used
-    train_ct, _ = write_phantom_datasets(work / "train", args.train_cases, 1, seed=TRAIN_SEED)
-    test_ct, test_mri = write_phantom_datasets(work / "test", args.test_cases, args.test_cases, seed=TEST_SEED)
-    case_ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (train_ct / "imagesTr").glob("*_0000.nii.gz"))
-
-    results = {}
-    for variant, gin in VARIANTS.items():
-        key = "gin" if gin else "no_gin"
-        run, info = train(work / key, train_ct, case_ids, args, gin, cache)
-        summary = evaluate(str(run), [str(test_ct), str(test_mri)], str(work / key / "eval"), cases="all",
-                           device="cpu", cache_dir=str(cache))
-        by_modality = {}
-        for modality in ("CT", "MRI"):
-            stats = summary["by_modality"][modality]
-            by_modality[modality] = {
-                **{o: stats[o]["dice"] for o in ORGANS},
-                "hd95_mm": {o: stats[o]["hd95"] for o in ORGANS},
-                "mean_dice": stats["mean_dice"],
-                "cases": stats["cases"],
-            }
-        results[variant] = {"gin": gin, **info, "by_modality": by_modality,
-                            "gap_ct_minus_mri": by_modality["CT"]["mean_dice"] - by_modality["MRI"]["mean_dice"]}
-
-    total = time.perf_counter() - started
+        work = Path(tmp.name)
+    else:
+        work = args.work
+        setting["work"] = str(work)
+    results = run_all(args, setting, work)
     result = {
         **provenance(threads=THREADS),
-        "setting": {
-            "preset": "quick",
-            "train": f"{args.train_cases} phantom CT cases (write_phantom_datasets seed {TRAIN_SEED}), all for "
-                     f"training, no validation; {args.epochs} epochs x {args.steps} steps = "
-                     f"{args.epochs * args.steps} steps of batch 8, lr {LR}, training seed 0",
-            "test": f"{args.test_cases} phantom CT + {args.test_cases} phantom MRI cases "
-                    f"(write_phantom_datasets seed {TEST_SEED}: other patients), all organs annotated, "
-                    "evaluate(cases='all')",
-            "metric": "per-case 3D Dice on the case's own grid; mean (sd, n) over cases per organ; "
-                      "mean = mean over organs of the per-organ means",
-        },
-        "total_seconds": round(total, 1),
+        "setting": setting,
+        "total_seconds": round(time.perf_counter() - started, 1),
         "results": results,
     }
     write_result(args.out, result)

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="complete",
                    help="comma-separated: complete, limited-1to1, limited-1to2, limited-1to5")
     p.add_argument("--methods", default="local-ct,local-ct+gin,local-mri,centralized,fedavg,fedgin",
-                   help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin (each may add +gin)")
+                   help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin, each optionally with +gin (GIN) or +ipa (GIN with IPA)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="quick", choices=["quick", "paper"])

@@ -3,7 +3,12 @@
 Every method trains with the same trainer and the same local budget per site (``rounds x
 local_epochs`` epochs of ``steps_per_epoch`` steps; centralized gets the sum over sites), and every
 final model is evaluated on the same fixed test sets, reported separately for CT and MRI. Finished
-runs are reused: a rerun only does what is missing.
+runs are reused: a rerun only does what is missing, and a local model of a site the scenario does
+not limit (the CT site in ``limited-1toK``) is trained once and copied into the other scenarios.
+
+A method name is a base (``local-ct``, ``local-mri``, ``centralized``, ``fedavg``, ``fedgin``) with
+an optional suffix: ``+gin`` (GIN on every training slice) or ``+ipa`` (GIN with IPA's
+pseudo-correlation blending, Ouyang et al.); ``fedgin`` is ``fedavg+gin``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,20 +41,20 @@ class Method:
     kind: str  # local | centralized | federated
     site_modality: str | None  # for local: CT or MRI
     gin: bool
+    ipa: bool = False
 
 
 def parse_method(text: str) -> Method:
     name = text.strip()
     base, _, suffix = name.partition("+")
-    if base not in BASE_METHODS or suffix not in ("", "gin"):
-        raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} (optionally +gin)")
-    if base == "fedgin":
-        return Method(name, "federated", None, True)
-    if base == "fedavg":
-        return Method(name, "federated", None, suffix == "gin")
+    if base not in BASE_METHODS or suffix not in ("", "gin", "ipa") or (base == "fedgin" and suffix == "gin"):
+        raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} (optionally +gin or +ipa)")
+    gin, ipa = base == "fedgin" or suffix in ("gin", "ipa"), suffix == "ipa"
+    if base in ("fedgin", "fedavg"):
+        return Method(name, "federated", None, gin, ipa)
     if base == "centralized":
-        return Method(name, "centralized", None, suffix == "gin")
-    return Method(name, "local", "CT" if base == "local-ct" else "MRI", suffix == "gin")
+        return Method(name, "centralized", None, gin, ipa)
+    return Method(name, "local", "CT" if base == "local-ct" else "MRI", gin, ipa)
 
 
 def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[str, str], seed: int,
@@ -110,10 +116,16 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
                 if (eval_dir / "summary.json").exists():
                     log(f"[{scenario} {method.name} seed {seed}] done before, reused")
                     continue
+                twin = _same_training(out, scenario, method, seed, limits, modalities, sites)
+                if twin is not None:
+                    shutil.copytree(twin, run, dirs_exist_ok=True)
+                    log(f"[{scenario} {method.name} seed {seed}] same training as {twin.parent.parent.name}, copied")
+                    continue
                 start = time.perf_counter()
                 log(f"[{scenario} {method.name} seed {seed}] training ...")
                 base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
-                               train_overrides={"gin": method.gin, "steps_per_epoch": steps_per_epoch},
+                               train_overrides={"gin": method.gin, "ipa": method.ipa,
+                                                "steps_per_epoch": steps_per_epoch},
                                seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
                                local_epochs=local_epochs)
                 model_dir = _train_method(base, method, limits, modalities, train_non_federated, federate, log)
@@ -127,6 +139,23 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
         draw_overlays(out, scenarios, names, cache_dir=cache_dir, log=log)
     return write_results(out, scenarios, names, seeds, overlays=overlays)
+
+
+def _same_training(out: Path, scenario: str, method: Method, seed: int, limits, modalities,
+                   sites: list[SiteSpec]) -> Path | None:
+    """A finished run of another scenario that trained exactly what this one would: a local model of
+    a site no scenario limits (scenarios only limit MRI sites), same method and seed."""
+    if method.kind != "local" or method.site_modality == "MRI":
+        return None
+    site = next(s for s in sites if modalities[s.name] == method.site_modality)
+    if limits and site.name in limits:
+        return None
+    runs = out / "runs"
+    for other in sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []:
+        candidate = _run_dir(out, other, method.name, seed)
+        if other != scenario and (candidate / "eval" / "summary.json").exists():
+            return candidate
+    return None
 
 
 def _train_method(base: RunConfig, method: Method, limits, modalities, train_non_federated, federate, log) -> Path:

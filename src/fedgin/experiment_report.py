@@ -108,6 +108,16 @@ def claims(table: dict, scenarios: list[str]) -> list[str]:
         lines.append(ratio_line("GIN on a CT-only model, tested on MRI (local-ct+gin vs local-ct)",
                                 _mean_dice(table, scenario, "local-ct+gin", "MRI"),
                                 _mean_dice(table, scenario, "local-ct", "MRI"), "difference"))
+        # beyond the paper: GIN with IPA, where it was run
+        if "fedgin+ipa" in table.get(scenario, {}):
+            fi = {m: _mean_dice(table, scenario, "fedgin+ipa", m) for m in ("CT", "MRI")}
+            lines.append(ratio_line("FedGIN+IPA vs FedAvg on MRI", fi["MRI"], fa["MRI"], "difference"))
+            lines.append(ratio_line("FedGIN+IPA vs FedAvg on CT", fi["CT"], fa["CT"], "difference"))
+            lines.append(ratio_line("FedGIN+IPA vs centralized on MRI", fi["MRI"], ce["MRI"], "difference"))
+        if "local-ct+ipa" in table.get(scenario, {}):
+            lines.append(ratio_line("GIN+IPA on a CT-only model, tested on MRI (local-ct+ipa vs local-ct)",
+                                    _mean_dice(table, scenario, "local-ct+ipa", "MRI"),
+                                    _mean_dice(table, scenario, "local-ct", "MRI"), "difference"))
         lines.append("")
     return lines
 

@@ -1,0 +1,123 @@
+"""``fedgin experiment``: method names, limited scenarios, the grid's result files, reuse of finished
+runs and of CT-only runs across scenarios.
+
+One tiny grid (4 CT + 4 MRI phantoms, two scenarios, three local methods, one training step each,
+no overlays) runs once and is shared; the models are untrained, the tests check the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedgin.cli import main
+from fedgin.config import SiteSpec
+from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.errors import FedginError
+from fedgin.experiment import parse_method, scenario_train_cases
+
+METHODS = ("local-ct", "local-ct+ipa", "local-mri")
+SCENARIOS = ("complete", "limited-1to2")
+
+
+@pytest.mark.parametrize("name, kind, modality, gin, ipa", [
+    ("local-ct", "local", "CT", False, False),
+    ("local-ct+gin", "local", "CT", True, False),
+    ("local-mri+ipa", "local", "MRI", True, True),
+    ("centralized", "centralized", None, False, False),
+    ("fedavg", "federated", None, False, False),
+    ("fedgin", "federated", None, True, False),
+    ("fedgin+ipa", "federated", None, True, True),
+])
+def test_method_names(name, kind, modality, gin, ipa):
+    method = parse_method(name)
+    assert (method.name, method.kind, method.site_modality, method.gin, method.ipa) == (name, kind, modality, gin, ipa)
+
+
+@pytest.mark.parametrize("name", ["fedgin+gin", "fedavg+dp", "local", "local-ct+gin+ipa"])
+def test_unknown_method_names_are_refused(name):
+    with pytest.raises(FedginError, match="unknown method"):
+        parse_method(name)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> tuple[Path, Path]:
+    ct, mri = write_phantom_datasets(tmp_path_factory.mktemp("phantoms"), n_ct=4, n_mri=4, seed=0)
+    return ct, mri
+
+
+def test_limited_scenarios_keep_one_mri_case_per_k_ct_cases(sites):
+    ct, mri = sites
+    specs = [SiteSpec("ct", str(ct)), SiteSpec("mri", str(mri))]
+    modalities = {"ct": "CT", "mri": "MRI"}
+    assert scenario_train_cases("complete", specs, modalities, 0, None, "abdomen5") is None
+    limits = scenario_train_cases("limited-1to2", specs, modalities, 0, None, "abdomen5")
+    assert set(limits) == {"mri"}  # the CT site is never limited
+    assert len(limits["mri"]) == 1  # 2 CT training cases of 4 phantoms (1 val, 1 test) // 2
+    assert limits == scenario_train_cases("limited-1to2", specs, modalities, 0, None, "abdomen5")
+    with pytest.raises(FedginError, match="unknown scenario"):
+        scenario_train_cases("limited-half", specs, modalities, 0, None, "abdomen5")
+
+
+def grid_args(sites: tuple[Path, Path], out: Path, cache: Path) -> list[str]:
+    ct, mri = sites
+    return ["experiment", "--site", f"ct={ct}", "--site", f"mri={mri}", "--scenario", ",".join(SCENARIOS),
+            "--methods", ",".join(METHODS), "--seeds", "1", "--rounds", "1", "--local-epochs", "1",
+            "--steps-per-epoch", "1", "--no-overlays", "--out", str(out), "--cache-dir", str(cache)]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, sites) -> tuple[Path, str]:
+    """The grid's dir and what it printed."""
+    out = tmp_path_factory.mktemp("grid") / "exp"
+    torch.set_num_threads(1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(grid_args(sites, out, tmp_path_factory.mktemp("cache"))) == 0
+    return out, printed.getvalue()
+
+
+def test_the_grid_writes_one_row_per_scenario_method_seed_case_organ(grid):
+    out, _ = grid
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95"]
+    assert {(r["scenario"], r["method"]) for r in rows} == {(s, m) for s in SCENARIOS for m in METHODS}
+    # every model scored on the same test cases: one CT and one MRI phantom with seed 0
+    cases: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        cases.setdefault((r["scenario"], r["method"]), set()).add(r["case"])
+    assert len({frozenset(v) for v in cases.values()}) == 1 and len(next(iter(cases.values()))) == 2
+    table = json.loads((out / "results.json").read_text())
+    assert table["scenarios"] == list(SCENARIOS) and table["methods"] == list(METHODS)
+    report = (out / "report.md").read_text()
+    assert "## complete" in report and "## limited-1to2" in report and "local-ct+ipa" in report
+
+
+def test_ct_only_runs_are_trained_once_and_copied_into_the_limited_scenario(grid):
+    out, log = grid
+    for method in ("local-ct", "local-ct+ipa"):
+        assert f"[limited-1to2 {method} seed 0] same training as complete, copied" in log
+        a = json.loads((out / f"runs/complete/{method}/seed0/eval/summary.json").read_text())
+        b = json.loads((out / f"runs/limited-1to2/{method}/seed0/eval/summary.json").read_text())
+        assert a["metric_per_case"] == b["metric_per_case"]
+    config = json.loads((out / "runs/complete/local-ct+ipa/seed0/ct/config.json").read_text())
+    assert config["train"]["gin"] and config["train"]["ipa"]
+    # the MRI site is limited: its local model is trained in each scenario, on different cases
+    assert "[limited-1to2 local-mri seed 0] training" in log
+    limited = json.loads((out / "runs/limited-1to2/local-mri/seed0/mri/config.json").read_text())
+    assert len(limited["train_cases"]["mri"]) == 1
+
+
+def test_a_rerun_reuses_every_finished_run(grid, sites, tmp_path, capsys):
+    out, _ = grid
+    assert main(grid_args(sites, out, tmp_path / "cache")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before, reused") == len(SCENARIOS) * len(METHODS)
+    assert "training ..." not in printed
