@@ -52,6 +52,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -102,7 +103,7 @@ class Data:
     cases: str  # evaluate's ``cases``
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"domain_gap: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -329,9 +330,9 @@ def upgrade(result: dict) -> dict:
             "variant": variant, "budget": budget, "epochs": cfg["epochs"], "steps_per_epoch": cfg["steps_per_epoch"],
             **{k: cfg[k] for k in ("gin", "gin_p", "ipa")}, "reused": False, **res}
     budgets = sorted(int(b) for b in runs)
-    steps = next(iter(runs[str(budgets[0])].values()))["steps_per_epoch"]
+    per_epoch = next(iter(runs[str(budgets[0])].values()))["steps_per_epoch"]
     return {**result, "results": runs,
-            "setting": {**result["setting"], "data": "phantom", "budgets": budgets, "steps_per_epoch": steps}}
+            "setting": {**result["setting"], "data": "phantom", "budgets": budgets, "steps_per_epoch": per_epoch}}
 
 
 def fmt(x: float | None) -> str:
@@ -352,10 +353,13 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def budget_title(budget: int, runs: dict) -> str:
+def steps(budget: int | str) -> str:
+    return plural(int(budget), "step")
+
+
+def budget_title(budget: str, runs: dict) -> str:
     any_run = next(iter(runs.values()))
-    return (f"{budget} steps ({plural(any_run['epochs'], 'epoch')} x "
-            f"{plural(any_run['steps_per_epoch'], 'step')})")
+    return f"{steps(budget)} ({plural(any_run['epochs'], 'epoch')} x {steps(any_run['steps_per_epoch'])})"
 
 
 def table(runs: dict, test_name: str) -> list[str]:
@@ -371,7 +375,7 @@ def table(runs: dict, test_name: str) -> list[str]:
 
 def summary_table(results: dict, budgets: list[str], variants: list[str]) -> list[str]:
     """MRI mean Dice (CT mean Dice), variant x budget; the best MRI score of each budget in bold."""
-    rows = ["| variant | " + " | ".join(f"{b} steps" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
+    rows = ["| variant | " + " | ".join(steps(b) for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
     best = {b: max(round(r["by_modality"]["MRI"]["mean_dice"] or 0, 3) for r in results[b].values()) for b in budgets}
     for variant in variants:
         cells = []
@@ -383,8 +387,7 @@ def summary_table(results: dict, budgets: list[str], variants: list[str]) -> lis
             mri, ct = res["by_modality"]["MRI"]["mean_dice"], res["by_modality"]["CT"]["mean_dice"]
             cell = fmt(mri)
             top = mri is not None and round(mri, 3) == best[b] and len(results[b]) > 1
-            cells.append((f"**{cell}**" if top else cell)
-                         + f" ({fmt(ct)})")
+            cells.append((f"**{cell}**" if top else cell) + f" ({fmt(ct)})")
         rows.append(f"| {variant} | " + " | ".join(cells) + " |")
     return rows
 
@@ -396,11 +399,11 @@ def findings(results: dict, budgets: list[str]) -> list[str]:
         runs = results[b]
         base = runs.get("no-gin")
         if base is None:
-            lines.append(f"- {b} steps: no `no-gin` run to compare the GIN variants with.")
+            lines.append(f"- {steps(b)}: no `no-gin` run to compare the GIN variants with.")
             continue
         ct0, mri0 = base["by_modality"]["CT"]["mean_dice"], base["by_modality"]["MRI"]["mean_dice"]
-        parts = [f"- {b} steps: without GIN the CT-trained model scores {ct0:.3f} on CT and {mri0:.3f} on MRI "
-                 f"(gap {signed(ct0 - mri0)})."]
+        parts = [f"- {steps(b)}: without GIN the CT-trained model scores {ct0:.3f} on CT and {mri0:.3f} "
+                 f"on MRI (gap {signed(ct0 - mri0)})."]
         for variant, res in runs.items():
             if variant == "no-gin":
                 continue
@@ -411,11 +414,11 @@ def findings(results: dict, budgets: list[str]) -> list[str]:
     mri = {(v, b): round(r["by_modality"]["MRI"]["mean_dice"] or 0, 3) for b in budgets for v, r in results[b].items()}
     if len(mri) > 1:
         top = max(mri.values())
-        lines.append(f"- Best on MRI ({top:.3f}): " + ", ".join(f"`{v}` at {b} steps" for (v, b), x in mri.items()
-                                                               if x == top) + ".")
-    lines.append("- Final training loss (Dice + CE, last epoch): " + "; ".join(
-        f"{b} steps: " + ", ".join(f"{v} {r['final_loss']:.3f}" for v, r in results[b].items()) for b in budgets)
-        + ".")
+        best = [f"`{v}` at {steps(b)}" for (v, b), x in mri.items() if x == top]
+        lines.append(f"- Best on MRI ({top:.3f}): " + ", ".join(best) + ".")
+    losses = [f"{steps(b)}: " + ", ".join(f"{v} {r['final_loss']:.3f}" for v, r in results[b].items())
+              for b in budgets]
+    lines.append("- Final training loss (Dice + CE, last epoch): " + "; ".join(losses) + ".")
     return lines
 
 
@@ -445,19 +448,20 @@ def markdown(result: dict, json_path: Path) -> str:
         lines += ["", f"'-': {', '.join(unscored)} not scored (no test case annotates "
                       f"{'it' if len(unscored) == 1 else 'them'}); the mean is over the organs that are scored."]
     for b in budgets:
-        lines += ["", f"## {budget_title(int(b), results[b])}", "", *table(results[b], "" if real else "phantom ")]
+        lines += ["", f"## {budget_title(b, results[b])}", "", *table(results[b], "" if real else "phantom ")]
     lines += ["", "## Summary: MRI mean Dice (CT mean Dice) by variant and budget", "",
               *summary_table(results, budgets, variants), "", *findings(results, budgets), ""]
     train_times = "; ".join(
-        f"{b} steps: " + ", ".join(f"{v} {r['train_seconds']:.0f} s" + (" (after resuming)" if r.get("resumed") else "")
-                                   for v, r in results[b].items()) for b in budgets)
+        f"{steps(b)}: " + ", ".join(f"{v} {r['train_seconds']:.0f} s" + (" after resuming" if r.get("resumed") else "")
+                                    for v, r in results[b].items())
+        for b in budgets)
     lines += [
         f"- Command: `{result['command']}`",
         f"- Date: {result['date']}",
         f"- Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
         f"{machine['threads']} threads" + (f", load average {load:.1f}" if load is not None else ""),
         f"- Total time: {result['total_seconds'] / 60:.1f} min"
-        + (f" ({reused} of {len(runs)} runs reused from an earlier invocation in the same --work)" if reused else ""),
+        + (f" ({reused} of {len(runs)} runs reused from `--work`, trained by an earlier invocation)" if reused else ""),
         f"- Training time per run: {train_times}",
         f"- Full numbers (sd, n, HD95, per-case Dice, loss per epoch): `{os.path.relpath(json_path, ROOT)}`",
         "",
