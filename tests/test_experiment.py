@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,13 @@ def test_a_rerun_reuses_every_finished_run(grid, sites, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("done before, reused") == len(SCENARIOS) * len(METHODS)
     assert "training ..." not in printed
+
+
+def test_report_puts_the_hand_written_reading_after_the_claims(grid, tmp_path):
+    out, _ = grid
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    (copy / "analysis.md").write_text("GIN needs a longer budget here.\n")
+    assert main(["report", str(copy), "--no-overlays"]) == 0
+    report = (copy / "report.md").read_text()
+    assert report.index("## The paper's claims") < report.index("## Reading the results") \
+        < report.index("GIN needs a longer budget here.") < report.index("## Overlays")

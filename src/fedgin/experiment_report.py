@@ -16,6 +16,9 @@ from .labels import get_scheme  # noqa: E402
 from .overlays import OVERLAY_DIR, overlay_paths  # noqa: E402
 from .report import read_metrics  # noqa: E402
 
+#: A hand-written reading of an experiment's numbers, put in ``report.md`` after the measured claims.
+ANALYSIS_FILE = "analysis.md"
+
 
 def _cell(stat: dict | None, digits: int = 3) -> str:
     if not stat or stat.get("mean") is None:
@@ -177,6 +180,9 @@ def write_experiment_report(out: Path, scenarios: list[str], methods: list[str],
     bars = plot_bars(out, scenarios, methods, table)
     lines += ["## By method", "", f"![Dice by method]({bars.name})", "", "## The paper's claims, as measured", ""]
     lines += claims(table, scenarios)
+    analysis = out / ANALYSIS_FILE
+    if analysis.exists():  # the authors' reading of the numbers, kept across redraws
+        lines += ["## Reading the results", "", analysis.read_text().strip(), ""]
     lines += overlay_lines(out, scenarios, overlays)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
