@@ -195,30 +195,38 @@ def collect_rows(out: Path, scenarios: list[str], methods: list[str], seeds: int
     return rows
 
 
+def _over_seeds(seed_means: list[float]) -> dict:
+    return {
+        "mean": float(np.mean(seed_means)) if seed_means else None,
+        "sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else (0.0 if seed_means else None),
+        "seeds": len(seed_means),
+    }
+
+
 def aggregate(rows: list[dict]) -> dict:
-    """Mean +- sd over seeds of the per-seed mean over cases, per scenario/method/modality/organ."""
+    """Mean +- sd over seeds of the per-seed mean over cases, per scenario/method/modality/organ;
+    ``mean``: mean +- sd over seeds of each seed's mean Dice over the scored organs."""
     table: dict = {}
-    keys = sorted({(r["scenario"], r["method"], r["modality"], r["organ"]) for r in rows})
-    for scenario, method, modality, organ in keys:
-        per_seed = {}
+    groups: dict[tuple, dict[int, list[float]]] = {}
+    for r in rows:
         for metric in ("dice", "hd95"):
-            vals = {}
-            for r in rows:
-                if (r["scenario"], r["method"], r["modality"], r["organ"]) == (scenario, method, modality, organ) \
-                        and r[metric] is not None:
-                    vals.setdefault(r["seed"], []).append(r[metric])
-            seed_means = [float(np.mean(v)) for v in vals.values()]
-            per_seed[metric] = {
-                "mean": float(np.mean(seed_means)) if seed_means else None,
-                "sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else (0.0 if seed_means else None),
-                "seeds": len(seed_means),
-            }
-        table.setdefault(scenario, {}).setdefault(method, {}).setdefault(modality, {})[organ] = per_seed
-    for scenario in table.values():
-        for method in scenario.values():
-            for modality, organs in method.items():
-                means = [v["dice"]["mean"] for v in organs.values() if v["dice"]["mean"] is not None]
-                organs["mean"] = {"dice": {"mean": float(np.mean(means)) if means else None}}
+            if r[metric] is not None:
+                key = (r["scenario"], r["method"], r["modality"], r["organ"], metric)
+                groups.setdefault(key, {}).setdefault(r["seed"], []).append(r[metric])
+    for scenario, method, modality, organ in sorted({(r["scenario"], r["method"], r["modality"], r["organ"])
+                                                      for r in rows}):
+        per_metric = {metric: _over_seeds([float(np.mean(v)) for v in
+                                           groups.get((scenario, method, modality, organ, metric), {}).values()])
+                      for metric in ("dice", "hd95")}
+        table.setdefault(scenario, {}).setdefault(method, {}).setdefault(modality, {})[organ] = per_metric
+    for scenario, methods in table.items():
+        for method, modalities in methods.items():
+            for modality, organs in modalities.items():
+                by_seed: dict[int, list[float]] = {}
+                for organ in organs:
+                    for seed, values in groups.get((scenario, method, modality, organ, "dice"), {}).items():
+                        by_seed.setdefault(seed, []).append(float(np.mean(values)))
+                organs["mean"] = {"dice": _over_seeds([float(np.mean(v)) for v in by_seed.values()])}
     return table
 
 

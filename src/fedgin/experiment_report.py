@@ -170,9 +170,9 @@ def write_experiment_report(out: Path, scenarios: list[str], methods: list[str],
                     continue
                 hd = [organs[o]["hd95"]["mean"] for o in scheme.organs if o in organs and organs[o]["hd95"]["mean"]]
                 cells = [_cell(organs.get(o, {}).get("dice")) for o in scheme.organs]
-                mean = organs["mean"]["dice"]["mean"]
-                lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean:.3f} | "
-                             f"{np.mean(hd):.1f} |" if mean is not None else f"| {method} | " + " | ".join(cells) + " | - | - |")
+                mean = _cell(organs["mean"]["dice"])
+                lines.append(f"| {method} | " + " | ".join(cells) + (f" | **{mean}** | " if mean != "-" else " | - | ")
+                             + (f"{np.mean(hd):.1f} |" if hd else "- |"))
             lines.append("")
         curve = plot_curves(out, scenario, [m for m in methods if m.startswith(("fedavg", "fedgin"))], seeds)
         if curve is not None:
