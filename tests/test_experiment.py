@@ -21,7 +21,7 @@ from fedgin.cli import main
 from fedgin.config import SiteSpec
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.errors import FedginError
-from fedgin.experiment import parse_method, scenario_train_cases
+from fedgin.experiment import aggregate, parse_method, scenario_train_cases
 
 METHODS = ("local-ct", "local-ct+ipa", "local-mri")
 SCENARIOS = ("complete", "limited-1to2")
@@ -132,3 +132,19 @@ def test_report_puts_the_hand_written_reading_after_the_claims(grid, tmp_path):
     report = (copy / "report.md").read_text()
     assert report.index("## The paper's claims") < report.index("## Reading the results") \
         < report.index("GIN needs a longer budget here.") < report.index("## Overlays")
+
+
+def test_aggregate_gives_mean_and_sd_over_seeds_of_per_seed_means():
+    def row(seed, case, organ, dice):
+        return {"scenario": "complete", "method": "fedavg", "seed": seed, "modality": "MRI", "case": case,
+                "organ": organ, "dice": dice, "hd95": None if dice is None else 10.0}
+
+    rows = [row(0, "a", "liver", 0.8), row(0, "b", "liver", 0.6), row(0, "a", "spleen", 0.4), row(0, "b", "spleen", None),
+            row(1, "a", "liver", 0.9), row(1, "b", "liver", 0.9), row(1, "a", "spleen", 0.5), row(1, "b", "spleen", 0.7)]
+    table = aggregate(rows)["complete"]["fedavg"]["MRI"]
+    # liver: seed means 0.7 and 0.9; spleen: 0.4 (the null is not a zero) and 0.6
+    assert table["liver"]["dice"]["mean"] == pytest.approx(0.8)
+    assert table["liver"]["dice"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert table["spleen"]["dice"] == pytest.approx({"mean": 0.5, "sd": 0.1414, "seeds": 2}, abs=1e-4)
+    # per seed: (0.7 + 0.4) / 2 = 0.55 and (0.9 + 0.6) / 2 = 0.75
+    assert table["mean"]["dice"] == pytest.approx({"mean": 0.65, "sd": 0.1414, "seeds": 2}, abs=1e-4)
