@@ -17,6 +17,7 @@ test runs against its own deadline.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +96,18 @@ def finish(link: Loopback, run: subprocess.Popen, deadline: Deadline, log: str =
     assert code == 0, link.log(log)[-4000:]
 
 
-def start_deployment(tmp_path: Path, sites: dict[str, Path], *superlink_args: str) -> tuple[Loopback, dict]:
-    """SuperLink (TLS, SuperNode auth), the two site keys registered, one SuperNode per site."""
+@contextlib.contextmanager
+def deployment(tmp_path: Path, sites: dict[str, Path], *superlink_args: str) -> Iterator[tuple[Loopback, dict]]:
+    """SuperLink (TLS, SuperNode auth), the two site keys registered, one SuperNode per site; on
+    exit every process started (and any stray of theirs) is stopped, checked gone."""
     link = Loopback(tmp_path)
-    link.start_superlink(*superlink_args)
-    link.register("ct", "mri")
-    nodes = {name: link.site(i, name, sites[name], MODALITIES[name]) for i, name in enumerate(("ct", "mri"))}
-    return link, nodes
+    try:
+        link.start_superlink(*superlink_args)
+        link.register("ct", "mri")
+        yield link, {name: link.site(i, name, sites[name], MODALITIES[name]) for i, name in enumerate(("ct", "mri"))}
+    finally:
+        stopped = link.stop_all()
+        assert not any(alive(pid) for pid in stopped)
 
 
 def write_config(tmp_path: Path, out: Path, **overrides) -> Path:
@@ -221,9 +228,7 @@ def test_a_site_that_fails_mid_run_is_left_out_and_the_run_goes_on(sites, tmp_pa
     deadline = Deadline(300)
     out = tmp_path / "run"
     config = write_config(tmp_path, out, min_sites=1, round_timeout=120.0)
-    link = None
-    try:
-        link, nodes = start_deployment(tmp_path, sites)
+    with deployment(tmp_path, sites) as (link, nodes):
         run = link.run(config)
         wait_until(lambda: round_recorded(out, 1), deadline, "round 1", link, run)
         # from round 2 on, the MRI site cannot read one of its training images: each message runs
@@ -256,10 +261,6 @@ def test_a_site_that_fails_mid_run_is_left_out_and_the_run_goes_on(sites, tmp_pa
             assert secret not in server, secret
         # the details stayed in the site's own log
         assert case_id in link.log("supernode-mri")
-    finally:
-        if link is not None:
-            stopped = link.stop_all()
-            assert not any(alive(pid) for pid in stopped)
 
 
 # --- 2. a SuperNode that dies --------------------------------------------------------------------
@@ -270,9 +271,7 @@ def test_a_killed_supernode_costs_at_most_the_round_timeout(sites, tmp_path):
     out = tmp_path / "run"
     timeout = 40.0
     config = write_config(tmp_path, out, min_sites=1, round_timeout=timeout)
-    link = None
-    try:
-        link, nodes = start_deployment(tmp_path, sites)
+    with deployment(tmp_path, sites) as (link, nodes):
         run = link.run(config)
         wait_until(lambda: round_recorded(out, 1), deadline, "round 1", link, run)
         killed = crash(nodes["mri"])
@@ -298,10 +297,6 @@ def test_a_killed_supernode_costs_at_most_the_round_timeout(sites, tmp_path):
                          r"(no reply within the round timeout|Error: Node Unavailable)", server, re.M), server[-4000:]
         assert re.search(r"^round 3: (1 of 2 sites connected|a site failed and was left out of this round: "
                          r"node \d+ \(site mri\))", server, re.M), server[-4000:]
-    finally:
-        if link is not None:
-            stopped = link.stop_all()
-            assert not any(alive(pid) for pid in stopped)
 
 
 # --- 3. the coordinator dies ---------------------------------------------------------------------
@@ -312,9 +307,7 @@ def test_a_killed_server_resumes_losing_at_most_the_round_in_progress(sites, tmp
     out = tmp_path / "run"
     config = write_config(tmp_path, out, rounds=2)
     database = tmp_path / "superlink.db"  # as in docs/deployment.md: registrations survive a restart
-    link = None
-    try:
-        link, nodes = start_deployment(tmp_path, sites, "--database", str(database))
+    with deployment(tmp_path, sites, "--database", str(database)) as (link, nodes):
         superlink = link.procs[0]
         run = link.run(config)
         wait_until(lambda: checkpoint_round(out / "checkpoints" / "last.pt") == 1, deadline, "round 1", link, run)
@@ -343,10 +336,6 @@ def test_a_killed_server_resumes_losing_at_most_the_round_in_progress(sites, tmp
         assert (out / "checkpoints" / "round_001.pt").read_bytes() == round_1
         assert {p.name for p in (out / "checkpoints").iterdir()} == {"round_001.pt", "round_002.pt", "last.pt"}
         assert rounds_of(out) == [(r, s, True) for r in (1, 2) for s in ("ct", "mri")]
-    finally:
-        if link is not None:
-            stopped = link.stop_all()
-            assert not any(alive(pid) for pid in stopped)
 
 
 # --- 4. checkpoints: atomic, and a damaged one refused -------------------------------------------
