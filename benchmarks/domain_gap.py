@@ -50,7 +50,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -77,17 +77,37 @@ BUNDLE = ROOT.parent / "shared" / "data" / "abdomen-ct-mr"
 REAL_CT, REAL_MR = "Dataset801_AbdomenCT", "Dataset802_AbdomenMR"
 
 # variant -> TrainConfig fields it sets, and what it means (for the .md)
+_ONE_VIEW = {"gin_views": 1, "clean_view": False, "consistency": 0.0}
+_GIN = {"gin": True, "gin_p": 1.0, "ipa": False}
+_IPA = {"gin": True, "gin_p": 1.0, "ipa": True}
 VARIANTS = {
-    "no-gin": ({"gin": False, "gin_p": 1.0, "ipa": False}, "GIN off"),
-    "gin": ({"gin": True, "gin_p": 1.0, "ipa": False}, "GIN on every training slice (p = 1, the paper's setting)"),
-    "gin-p0.5": ({"gin": True, "gin_p": 0.5, "ipa": False}, "GIN on half of the training slices (p = 0.5)"),
-    "gin+ipa": ({"gin": True, "gin_p": 1.0, "ipa": True}, "GIN + IPA (p = 1)"),
+    "no-gin": ({"gin": False, "gin_p": 1.0, "ipa": False, **_ONE_VIEW}, "GIN off"),
+    "gin": ({**_GIN, **_ONE_VIEW}, "GIN on every training slice (p = 1, the paper's setting)"),
+    "gin-p0.5": ({**_GIN, "gin_p": 0.5, **_ONE_VIEW}, "GIN on half of the training slices (p = 0.5)"),
+    "gin+ipa": ({**_IPA, **_ONE_VIEW}, "GIN + IPA (p = 1)"),
+    "gin-2v-c2": ({**_GIN, "gin_views": 2, "clean_view": False, "consistency": 2.0},
+                  "2 GIN views of 4 slices per step, consistency 2 (per-voxel KL)"),
+    "gin-clean-c2": ({**_GIN, "gin_views": 1, "clean_view": True, "consistency": 2.0},
+                     "1 GIN view + 1 clean view of 4 slices per step, consistency 2"),
+    "ipa-2v-c2": ({**_IPA, "gin_views": 2, "clean_view": False, "consistency": 2.0},
+                  "2 GIN+IPA views of 4 slices per step, consistency 2"),
+    "ipa-clean-c2": ({**_IPA, "gin_views": 1, "clean_view": True, "consistency": 2.0},
+                     "1 GIN+IPA view + 1 clean view of 4 slices per step, consistency 2"),
+    "ipa-3v-c2": ({**_IPA, "gin_views": 3, "clean_view": False, "consistency": 2.0},
+                  "3 GIN+IPA views of 3 slices per step (9 images), consistency 2 (Ouyang's 3 views)"),
+    "gin-unit": ({**_GIN, **_ONE_VIEW}, "GIN on the old [0, 1] intensities (preprocessing intensity='unit')"),
+    "no-gin-unit": ({"gin": False, "gin_p": 1.0, "ipa": False, **_ONE_VIEW}, "GIN off, old [0, 1] intensities"),
+    "gin-constlr": ({**_GIN, **_ONE_VIEW, "lr_schedule": "constant"}, "GIN, constant learning rate (no poly schedule)"),
+    "gin-noaug": ({**_GIN, **_ONE_VIEW, "intensity_augment": False},
+                  "GIN without the standard intensity augmentation"),
 }
+# variants trained on another preprocessing than the preset's
+PREPROCESS = {"gin-unit": {"intensity": "unit"}, "no-gin-unit": {"intensity": "unit"}}
 DEFAULTS = {
     "phantom": {"variants": ("no-gin", "gin"), "steps": 50, "epochs": 12, "budgets": None,
                 "train_cases": 8, "test_cases": 8, "out": RESULTS / "domain_gap.json"},
-    "real": {"variants": tuple(VARIANTS), "steps": 100, "epochs": None, "budgets": (500, 2000),
-             "out": RESULTS / "domain_gap_real.json"},
+    "real": {"variants": ("no-gin", "gin", "gin+ipa", "gin-2v-c2", "gin-clean-c2", "ipa-2v-c2"), "steps": 50,
+             "epochs": None, "budgets": (1000,), "out": RESULTS / "domain_gap_real.json"},
 }
 # the labels the first version of this script gave its two runs (read by --redraw)
 LEGACY_VARIANTS = {"CT only, no GIN": "no-gin", "CT only + GIN": "gin"}
@@ -126,6 +146,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-cases", type=int, help="phantom CT training cases (default 8)")
     parser.add_argument("--test-cases", type=int, help="phantom test cases per modality (default 8)")
     parser.add_argument("--bundle", type=Path, default=BUNDLE, help="the real data bundle (default: %(default)s)")
+    parser.add_argument("--score-on", choices=("selection", "test"), default="selection",
+                        help="real data: 'selection' (default) scores the CT validation case and every MRI "
+                             "case outside the test split (a CT-only model never sees MRI), so a recipe is "
+                             "chosen without the test split; 'test' scores the test split")
     parser.add_argument("--work", type=Path,
                         help="keep data, runs and evaluations here and reuse finished runs "
                              "(default: a temporary folder)")
@@ -205,10 +229,14 @@ def describe(args) -> dict:
         "split": f"fedgin/splits ({', '.join(shipped)})",
         "train": f"the {len(ct.train)} CT training cases of the shipped split of {REAL_CT} "
                  f"({', '.join(ct.train)}), no validation",
-        "test": f"the test split: {len(ct.test)} CT ({', '.join(ct.test)}) + {len(mr.test)} MRI "
-                f"({', '.join(mr.test)}) cases, evaluate(cases='test')",
+        "test": (f"the test split: {len(ct.test)} CT ({', '.join(ct.test)}) + {len(mr.test)} MRI "
+                 f"({', '.join(mr.test)}) cases, evaluate(cases='test')" if args.score_on == "test" else
+                 f"the selection cases (no test case): the CT validation case ({', '.join(ct.val)}) + the "
+                 f"{len(mr.train) + len(mr.val)} MRI cases outside the test split, which a CT-only model never sees"),
+        "score_on": args.score_on,
         "train_ids": list(ct.train),
-        "test_ids": {"CT": list(ct.test), "MRI": list(mr.test)},
+        "test_ids": ({"CT": list(ct.test), "MRI": list(mr.test)} if args.score_on == "test" else
+                     {"CT": list(ct.val), "MRI": sorted(mr.train + mr.val)}),
     }
 
 
@@ -216,7 +244,18 @@ def prepare(args, work: Path) -> Data:
     """Write the phantoms (deterministic, so rewriting them reproduces the same cases) or point at
     the real bundle."""
     if args.data == "real":
-        return Data(args.bundle / REAL_CT, [args.bundle / REAL_CT, args.bundle / REAL_MR], None, "test")
+        tests = [args.bundle / REAL_CT, args.bundle / REAL_MR]
+        if args.score_on == "test":
+            return Data(args.bundle / REAL_CT, tests, None, "test")
+        scheme = get_scheme("abdomen5")
+        ct, mr = (split_for(n, [c.case_id for c in open_dataset(args.bundle / n, scheme).cases], SEED)
+                  for n in (REAL_CT, REAL_MR))
+        split = work / "selection_split.json"
+        work.mkdir(parents=True, exist_ok=True)
+        split.write_text(json.dumps({"datasets": {
+            REAL_CT: {"train": list(ct.train), "val": [], "test": list(ct.val)},
+            REAL_MR: {"train": [], "val": [], "test": sorted(mr.train + mr.val)}}}, indent=2))
+        return Data(args.bundle / REAL_CT, tests, str(split), "test")
     # the MRI dataset of the training seed is written (the writer makes both) but never used
     train_ct, _ = write_phantom_datasets(work / "train", args.train_cases, 1, seed=TRAIN_SEED)
     test_ct, test_mri = write_phantom_datasets(work / "test", args.test_cases, args.test_cases, seed=TEST_SEED)
@@ -231,17 +270,19 @@ def train_overrides(args, variant: str, budget: int) -> dict:
             "validate": False, "num_threads": THREADS}
 
 
-def run_config(args, data: Data, run_dir: Path, variant: str, budget: int, cache: Path):
-    return resolve(
-        "quick", command="benchmark domain_gap", out=str(run_dir / "run"), sites=(SiteSpec("ct", str(data.train_ct)),),
-        mode="local", seed=SEED, split=data.split, cache_dir=str(cache), device="cpu",
+def run_config(args, data: Data | None, run_dir: Path, variant: str, budget: int, cache: Path):
+    cfg = resolve(
+        "quick", command="benchmark domain_gap", out=str(run_dir / "run"),
+        sites=(SiteSpec("ct", str(data.train_ct)),) if data else (),
+        mode="local", seed=SEED, split=data.split if data else None, cache_dir=str(cache), device="cpu",
         train_overrides=train_overrides(args, variant, budget),
     )
+    return replace(cfg, preprocess=replace(cfg.preprocess, **PREPROCESS.get(variant, {})))
 
 
 def run_key(setting: dict, variant: str, budget: int, train_config: dict) -> dict:
     """What must match for a run folder under ``--work`` to be reused or resumed."""
-    keep = ("data", "train", "test", "bundle", "train_ids", "test_ids")
+    keep = ("data", "train", "test", "bundle", "train_ids", "test_ids", "score_on")
     key = {"setting": {k: setting[k] for k in keep if k in setting}, "variant": variant, "budget": budget,
            "train_config": train_config}
     return json.loads(json.dumps(key))  # as it reads back from run.json
@@ -281,9 +322,8 @@ def run_all(args, setting: dict, work: Path) -> dict:
     for budget in args.budgets:
         for variant in args.variants:
             run_dir = work / "runs" / f"{variant}_{budget}steps"
-            train_config = resolve("quick", command="", out="", sites=(),
-                                   train_overrides=train_overrides(args, variant, budget)).train
-            key = run_key(setting, variant, budget, asdict(train_config))
+            cfg = run_config(args, None, run_dir, variant, budget, cache)
+            key = run_key(setting, variant, budget, {**asdict(cfg.train), "preprocess": cfg.preprocess.to_dict()})
             record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else None
             if record is not None and record["key"] != key:
                 fail(f"{run_dir} holds a run with other settings; use another --work or remove that folder")

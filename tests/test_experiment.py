@@ -27,18 +27,21 @@ METHODS = ("local-ct", "local-ct+ipa", "local-mri")
 SCENARIOS = ("complete", "limited-1to2")
 
 
-@pytest.mark.parametrize("name, kind, modality, gin, ipa", [
-    ("local-ct", "local", "CT", False, False),
-    ("local-ct+gin", "local", "CT", True, False),
-    ("local-mri+ipa", "local", "MRI", True, True),
-    ("centralized", "centralized", None, False, False),
-    ("fedavg", "federated", None, False, False),
-    ("fedgin", "federated", None, True, False),
-    ("fedgin+ipa", "federated", None, True, True),
+@pytest.mark.parametrize("name, kind, modality, overrides", [
+    ("local-ct", "local", "CT", {"gin": False}),
+    ("local-ct+gin", "local", "CT", {"gin": True}),
+    ("local-mri+ipa", "local", "MRI", {"gin": True, "ipa": True}),
+    ("centralized", "centralized", None, {"gin": False}),
+    ("fedavg", "federated", None, {"gin": False}),
+    ("fedgin", "federated", None, {"gin": True}),
+    ("fedgin+ipa", "federated", None, {"gin": True, "ipa": True}),
+    ("fedavg+gin1", "federated", None, {"gin": True, "ipa": False, "gin_views": 1, "clean_view": False,
+                                        "consistency": 0.0}),
 ])
-def test_method_names(name, kind, modality, gin, ipa):
+def test_method_names(name, kind, modality, overrides):
     method = parse_method(name)
-    assert (method.name, method.kind, method.site_modality, method.gin, method.ipa) == (name, kind, modality, gin, ipa)
+    assert (method.name, method.kind, method.site_modality, method.train_overrides) == (name, kind, modality, overrides)
+    assert method.gin == overrides["gin"]
 
 
 @pytest.mark.parametrize("name", ["fedgin+gin", "fedavg+dp", "local", "local-ct+gin+ipa"])

@@ -41,8 +41,10 @@ from loopback import wait as _wait
 
 ORGANS = get_scheme("abdomen5").organs
 #: what a site may send besides the weights: numbers only (no case ids, paths or names)
-TRAIN_METRICS = {"num-examples", "loss", "seconds", "modality", "site-index", *(f"dice-{o}" for o in ORGANS)}
-EVALUATE_METRICS = {"num-examples", "modality", "site-index", *(f"dice-{o}" for o in ORGANS)}
+TRAIN_METRICS = {"num-examples", "loss", "seconds", "modality", "site-index", "lr", *(f"dice-{o}" for o in ORGANS)}
+#: evaluate replies also carry the Dice with each organ's candidate post-processing (fedgin.postprocess)
+EVALUATE_METRICS = {"num-examples", "modality", "site-index", *(f"dice-{o}" for o in ORGANS),
+                    *(f"dice-pp-{o}" for o in ORGANS)}
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from fedgin.cli import main
 from fedgin.data.datasets import CaseRef
 from fedgin.data.phantoms import CT_DATASET, MRI_DATASET
 from fedgin.labels import get_scheme
-from fedgin.overlays import (DPI, OVERLAY_DIR, PANEL_INCHES, annotated_reference, case_mean_dice, draw_overlays,
-                             first_cases, foreground_slice)
+from fedgin.overlays import (DPI, OVERLAY_DIR, PANEL_INCHES, annotated_reference, case_mean_dice, display_window,
+                             draw_overlays, first_cases, foreground_slice)
 
 METHODS = ("local-ct", "local-mri", "centralized")
 #: The test split of 4 phantoms per site with seed 0: one case each.
@@ -151,3 +151,13 @@ def test_first_cases_are_the_first_per_modality_by_case_id():
             [("mr_9", "MRI"), ("ct_2", "CT"), ("mr_1", "MRI"), ("ct_1", "CT"), ("ct_3", "CT")]]
     assert [r.case_id for r in first_cases(refs, 1)] == ["ct_1", "mr_1"]
     assert [r.case_id for r in first_cases(refs, 2)] == ["ct_1", "ct_2", "mr_1", "mr_9"]
+
+
+def test_the_grey_window_follows_the_slice_not_a_fixed_unit_range():
+    plane = np.linspace(-2.0, 3.0, 101 * 100, dtype=np.float32).reshape(101, 100)  # z-scored: not in [0, 1]
+    plane[0, :5] = 50.0  # a few bright voxels do not set the window
+    lo, hi = display_window(plane)
+    assert lo == pytest.approx(float(np.percentile(plane, 1)))
+    assert hi == pytest.approx(float(np.percentile(plane, 99))) and hi < 3.0
+    assert lo < 0.0 and hi > 1.0
+    assert display_window(np.full((4, 4), -0.7)) == pytest.approx((-1.2, -0.2))  # flat: still a window

@@ -4,6 +4,7 @@ prediction that lands exactly on the input's voxel grid (shape and affine)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +19,7 @@ from fedgin.data.preprocess import (
     PreprocessConfig,
     labels_to_original,
     normalise_intensity,
+    BODY_THRESHOLD,
     preprocess,
     probabilities_to_original,
 )
@@ -209,7 +211,7 @@ def test_ct_window_follows_the_config():
 
 def test_ct_volume_preprocesses_into_unit_range_with_padding_zero():
     image = np.linspace(-1200.0, 2000.0, num=int(np.prod(SHAPE)), dtype=np.float32).reshape(SHAPE)
-    cfg = PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(32, 32))
+    cfg = PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(32, 32), intensity="unit")
 
     out = preprocess(image, np.diag([1.5, 1.5, 3.0, 1.0]), "CT", cfg).image
 
@@ -256,6 +258,34 @@ def test_mri_normalisation_is_scale_invariant(scale):
 def test_constant_mri_does_not_divide_by_zero():
     out = normalise_intensity(np.full(SHAPE, 42.0, dtype=np.float32), "MRI", PreprocessConfig())
     assert np.all(np.isfinite(out)) and out.max() == 0.0
+
+
+@pytest.mark.parametrize("modality", ["CT", "MRI"])
+def test_zscore_gives_the_body_mean_zero_and_sd_one_and_air_one_value(modality):
+    rng = np.random.default_rng(3)
+    image = np.full(SHAPE, -1000.0 if modality == "CT" else 0.0, dtype=np.float32)  # air
+    body = rng.normal(40.0, 30.0, size=(20, 16, SHAPE[2])) if modality == "CT" else rng.gamma(2.0, 150.0, (20, 16, SHAPE[2]))
+    image[2:22, 2:18] = body
+    cfg = PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(32, 32))
+    assert cfg.intensity == "zscore"
+
+    out = preprocess(image, np.diag([1.5, 1.5, 3.0, 1.0]), modality, cfg).image
+    unit = preprocess(image, np.diag([1.5, 1.5, 3.0, 1.0]), modality, replace(cfg, intensity="unit")).image
+
+    inside = out[:, 4 + 2:4 + 22, 6 + 2:6 + 18]  # the body, placed at the padding offsets
+    body_voxels = out[unit > BODY_THRESHOLD[modality]]  # the voxels the statistics are taken over
+    assert abs(float(body_voxels.mean())) < 1e-3 and abs(float(body_voxels.std()) - 1.0) < 1e-3
+    # padding and air share one value, below the body; the map from [0, 1] is one affine map
+    assert out[0, 0, 0] == out[:, :4].min() == out.min() and out[0, 0, 0] < inside.mean() - 1
+    slope = (out[unit > 0.5] - out[0, 0, 0]) / unit[unit > 0.5]
+    np.testing.assert_allclose(slope, slope[0], rtol=1e-4)
+
+
+def test_old_preprocess_settings_without_intensity_describe_unit_models():
+    old = {k: v for k, v in PreprocessConfig().to_dict().items() if k != "intensity"}
+    assert PreprocessConfig.from_dict(old).intensity == "unit"
+    with pytest.raises(ValueError, match="intensity"):
+        PreprocessConfig(intensity="minmax")
 
 
 def test_preprocess_config_round_trips_through_a_dict():

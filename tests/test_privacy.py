@@ -30,8 +30,8 @@ from fedgin.model import build_model
 
 ORGANS = get_scheme("abdomen5").organs
 DICE_KEYS = {f"dice-{o}" for o in ORGANS}
-TRAIN_METRICS = {"num-examples", "loss", "seconds", "modality", "site-index"} | DICE_KEYS
-EVALUATE_METRICS = {"num-examples", "modality", "site-index"} | DICE_KEYS
+TRAIN_METRICS = {"num-examples", "loss", "seconds", "modality", "site-index", "lr"} | DICE_KEYS
+EVALUATE_METRICS = {"num-examples", "modality", "site-index"} | DICE_KEYS | {f"dice-pp-{o}" for o in ORGANS}
 
 
 @pytest.fixture(scope="module")

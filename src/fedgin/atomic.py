@@ -29,13 +29,17 @@ def publish(tmp: Path, target: Path) -> Path:
     return target
 
 
-def write_text(target: str | Path, text: str) -> Path:
+def write_bytes(target: str | Path, data: bytes) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         return publish(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    return write_bytes(target, text.encode())

@@ -1,12 +1,13 @@
-"""Checkpoints that carry everything ``predict`` needs: weights, architecture, label scheme and
-preprocessing. Written atomically; a damaged or foreign file is refused with a clear message."""
+"""Checkpoints that carry everything ``predict`` needs: weights, architecture, label scheme,
+preprocessing and post-processing plan. Written atomically; a damaged or foreign file is refused
+with a clear message."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from .data.preprocess import PreprocessConfig
 from .errors import FedginError, ModelError
 from .labels import LabelScheme, get_scheme
 from .model import ModelConfig, build_model
+from .postprocess import PostprocessPlan
 
 FORMAT = "fedgin-checkpoint-1"
 
@@ -29,6 +31,8 @@ class Checkpoint:
     sites: list[dict]  # [{"name": .., "modality": ..}]
     meta: dict  # round / epoch, mode, strategy, seed, ...
     path: Path | None = None
+    # decided on validation cases at the end of a run; checkpoints from before plans: empty
+    postprocess: PostprocessPlan = field(default_factory=PostprocessPlan)
 
     def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         model = build_model(self.model_config)
@@ -38,8 +42,10 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, state_dict: dict, *, model_config: ModelConfig, scheme: LabelScheme,
                     preprocess: PreprocessConfig, sites: list[dict], meta: dict,
-                    extra: dict | None = None) -> Path:
-    """Write a checkpoint atomically (temporary file in the same folder, fsync, rename)."""
+                    extra: dict | None = None, postprocess: PostprocessPlan | None = None) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, fsync, rename).
+
+    ``postprocess`` is the plan ``predict`` and ``evaluate`` apply (default: none)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -51,6 +57,7 @@ def save_checkpoint(path: str | Path, state_dict: dict, *, model_config: ModelCo
         "sites": sites,
         "meta": meta,
         "extra": extra or {},
+        "postprocess": (postprocess or PostprocessPlan()).to_dict(),
     }
     tmp = temp_path(path, ".pt")
     try:
@@ -114,6 +121,11 @@ def load_checkpoint(model: str | Path, *, expect_scheme: str | None = None) -> C
         )
     except (KeyError, TypeError) as exc:
         raise ModelError(f"{path}: incomplete checkpoint (missing {exc})") from None
+    try:
+        ckpt.postprocess = PostprocessPlan.from_dict(payload.get("postprocess"))
+        ckpt.postprocess.check(ckpt.scheme)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path}: invalid post-processing plan ({exc})") from None
     if expect_scheme is not None and ckpt.scheme.name != expect_scheme:
         raise ModelError(f"{path}: checkpoint uses label scheme {ckpt.scheme.name}, expected {expect_scheme}")
     try:

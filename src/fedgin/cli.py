@@ -39,7 +39,20 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gin", dest="gin", action="store_true", default=None, help="GIN on training batches")
     p.add_argument("--no-gin", dest="gin", action="store_false", help="no GIN")
-    p.add_argument("--ipa", action="store_true", default=None, help="blend two GIN draws (IPA)")
+    p.add_argument("--ipa", dest="ipa", action="store_true", default=None,
+                   help="blend two GIN draws through a smooth random mask (IPA, Ouyang et al.)")
+    p.add_argument("--no-ipa", dest="ipa", action="store_false", help="plain GIN draws")
+    p.add_argument("--gin-p", type=float, help="probability that a training slice goes through GIN")
+    p.add_argument("--gin-views", type=int, help="GIN views of each slice per step (the batch is split between them)")
+    p.add_argument("--clean-view", dest="clean_view", action="store_true", default=None,
+                   help="one more view of each slice without GIN, also supervised")
+    p.add_argument("--no-clean-view", dest="clean_view", action="store_false")
+    p.add_argument("--consistency", type=float,
+                   help="weight of the KL consistency between the views' predictions (0: off)")
+    p.add_argument("--lr-schedule", choices=["poly", "constant"],
+                   help="learning rate over the whole run: poly (nnU-Net's (1 - t/T)^0.9) or constant")
+    p.add_argument("--no-intensity-augment", dest="intensity_augment", action="store_false", default=None,
+                   help="no standard brightness/contrast/noise/gamma augmentation")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--steps-per-epoch", type=int, help="optimisation steps per epoch (default: preset)")
@@ -48,10 +61,16 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="preprocessing cache (default $FEDGIN_CACHE_DIR or ~/.cache/fedgin)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="decide no post-processing plan (predict and evaluate then apply none)")
 
 
 NO_OVERLAYS_HELP = ("no prediction overlays on test slices in the report (they show patient images: "
                     "leave them out of published results of real scans)")
+
+
+NO_POSTPROCESS_HELP = ("do not apply the model's post-processing plan (keep only the largest connected "
+                       "components of the organs where that did not lower validation Dice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help=NO_POSTPROCESS_HELP)
 
     p = sub.add_parser("predict", help="NIfTI in, NIfTI label map out (input geometry kept)")
     p.add_argument("-i", "--input", required=True, help="a NIfTI file or a folder of them")
@@ -134,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=["CT", "MRI", "MR"])
     p.add_argument("--masks", action="store_true", help="also one binary file per organ")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help=NO_POSTPROCESS_HELP)
     return parser
 
 
@@ -141,6 +164,12 @@ def _train_overrides(args) -> dict:
     return {
         "gin": args.gin,
         "ipa": args.ipa,
+        "gin_p": args.gin_p,
+        "gin_views": args.gin_views,
+        "clean_view": args.clean_view,
+        "consistency": args.consistency,
+        "lr_schedule": args.lr_schedule,
+        "intensity_augment": args.intensity_augment,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "steps_per_epoch": args.steps_per_epoch,
@@ -158,7 +187,7 @@ def cmd_train(args) -> int:
     overrides.pop("local_epochs")
     cfg = resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
                   train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
-                  cache_dir=args.cache_dir, device=args.device)
+                  cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess)
     out = train_non_federated(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
@@ -175,7 +204,7 @@ def cmd_federate(args) -> int:
                   train_overrides=overrides, seed=args.seed, mode="federated", split=args.split,
                   cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
                   local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
-                  round_timeout=args.round_timeout,
+                  round_timeout=args.round_timeout, postprocess=args.postprocess,
                   proximal_mu=args.proximal_mu)
     out = federate(cfg, resume=args.resume)
     print(f"done: {out}")
@@ -213,7 +242,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     summary = evaluate(args.model, args.data, args.out, cases=args.cases, seed=args.seed, split_file=args.split,
-                       device=args.device, cache_dir=args.cache_dir)
+                       device=args.device, cache_dir=args.cache_dir, postprocess=args.postprocess)
     for modality, stats in summary["by_modality"].items():
         if modality != "all" and stats["mean_dice"] is not None:
             print(f"{modality}: mean Dice {stats['mean_dice']:.3f} over {stats['cases']} cases")
@@ -225,7 +254,7 @@ def cmd_predict(args) -> int:
     from .predict import predict
 
     written = predict(args.input, args.output, args.model, modality=args.modality, masks=args.masks,
-                      device=args.device)
+                      device=args.device, postprocess=args.postprocess)
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
 

@@ -17,12 +17,20 @@ from .model import ModelConfig
 from .data.preprocess import PreprocessConfig
 
 
+LR_SCHEDULES = ("poly", "constant")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The local trainer's settings (shared by local, centralized and federated modes).
 
     ``steps_per_epoch`` None means one pass over the site's training slices; ``gin_p`` is the
-    per-sample probability that a training slice goes through GIN.
+    per-sample probability that a training slice goes through GIN. ``lr_schedule`` ``poly``
+    (nnU-Net's ``(1 - step / total) ** poly_exponent`` over the whole run, every mode) or
+    ``constant``. ``intensity_augment``: the standard brightness/contrast/noise/gamma augmentation
+    every method gets (GIN comes on top). ``gin_views`` GIN views of each slice per step,
+    ``clean_view`` one more view without GIN, ``consistency`` the weight of the KL between the
+    views' predictions (Ouyang et al.); a step always takes ``batch_size`` images.
     """
 
     epochs: int = 20
@@ -34,6 +42,22 @@ class TrainConfig:
     gin: bool = True
     gin_p: float = 1.0
     ipa: bool = False
+    gin_views: int = 1
+    clean_view: bool = False
+    consistency: float = 0.0
+    lr_schedule: str = "poly"
+    poly_exponent: float = 0.9
+    intensity_augment: bool = True
+
+    def __post_init__(self):
+        if self.gin_views < 1:
+            raise ValueError(f"gin_views must be at least 1, got {self.gin_views}")
+        if self.consistency < 0:
+            raise ValueError(f"consistency must be >= 0, got {self.consistency}")
+        if not 0.0 <= self.gin_p <= 1.0:
+            raise ValueError(f"gin_p must be in [0, 1], got {self.gin_p}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
     spatial_augment: bool = True
     proximal_mu: float = 0.0
     amp: bool = True
@@ -72,6 +96,7 @@ class RunConfig:
     train_cases: dict[str, list[str]] | None = None  # site -> the only training cases it may use
     cache_dir: str | None = None
     device: str = "auto"
+    postprocess: bool = True  # decide a post-processing plan on validation cases (fedgin.postprocess)
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -138,7 +163,10 @@ def resolve(
     base = PRESETS[preset]
     num_classes = get_scheme(scheme).num_classes
     model = replace(base["model"], out_channels=num_classes)
-    train = replace(base["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None})
+    try:
+        train = replace(base["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None})
+    except ValueError as exc:
+        raise FedginError(str(exc)) from None
     fields = {k: v for k, v in overrides.items() if v is not None}
     fields.setdefault("rounds", base["rounds"])
     fields.setdefault("local_epochs", base["local_epochs"])

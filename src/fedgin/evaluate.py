@@ -1,7 +1,8 @@
 """``fedgin evaluate``: per-case 3D Dice and HD95 per organ and modality, nnU-Net-like summary.
 
-Predictions are made slice-wise in preprocessed space, mapped back to each case's own grid, and
-compared there with the reference (HD95 uses the case's own voxel spacing, in mm).
+Predictions are made slice-wise in preprocessed space, mapped back to each case's own grid,
+post-processed there with the checkpoint's plan (unless ``--no-postprocess``), and compared there
+with the reference (HD95 uses the case's own voxel spacing, in mm).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def select_cases(datasets: list[str], scheme: LabelScheme, *, cases: str = "test
 
 
 def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.device | None = None,
-                   cache_dir: Path | None = None, with_hd95: bool = True) -> list[dict]:
-    """One record per case: id, dataset, modality, and ``{organ: {dice, hd95}}``."""
+                   cache_dir: Path | None = None, with_hd95: bool = True, postprocess: bool = True) -> list[dict]:
+    """One record per case: id, dataset, modality, and ``{organ: {dice, hd95}}``; ``postprocess``
+    applies the checkpoint's post-processing plan to each prediction."""
     device = device or resolve_device()
     model = ckpt.build(device)
     organs = {o: i for o, i in ckpt.scheme.label_ids.items() if i > 0}
@@ -60,6 +62,8 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
         _, reference, affine = ref.read(ckpt.scheme)
         pre = load_case(ref, ckpt.scheme, ckpt.preprocess, cache_dir)
         pred = predict_labels(model, pre, device)
+        if postprocess:
+            pred = ckpt.postprocess.apply(pred, ckpt.scheme)
         scores = case_metrics(pred, reference, organs, ref.annotated, spacing_of(affine), with_hd95=with_hd95)
         records.append({"case": ref.case_id, "dataset": ref.dataset, "modality": ref.modality,
                         "annotated": list(ref.annotated), "metrics": scores,
@@ -132,9 +136,11 @@ def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dic
 
 
 def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", seed: int | None = None,
-             split_file: str | None = None, device: str = "auto", cache_dir: str | None = None) -> dict:
+             split_file: str | None = None, device: str = "auto", cache_dir: str | None = None,
+             postprocess: bool = True) -> dict:
     """Score a model; the split (seed and split file) defaults to the one the model was trained with,
-    so a model is never scored on its own training cases by accident."""
+    so a model is never scored on its own training cases by accident. ``postprocess`` False scores
+    the raw predictions (the checkpoint's post-processing plan is not applied)."""
     ckpt = load_checkpoint(model)
     if seed is None:
         seed = int(ckpt.meta.get("seed", 0))
@@ -142,6 +148,7 @@ def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", 
         split_file = ckpt.meta.get("split")
     refs = select_cases(datasets, ckpt.scheme, cases=cases, seed=seed, split_file=split_file)
     records = evaluate_cases(ckpt, refs, device=resolve_device(device),
-                             cache_dir=Path(cache_dir) if cache_dir else None)
-    args = {"model": model, "data": datasets, "cases": cases, "seed": seed, "split": split_file}
+                             cache_dir=Path(cache_dir) if cache_dir else None, postprocess=postprocess)
+    args = {"model": model, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
+            "postprocess": postprocess, "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
     return write_evaluation(Path(out), records, ckpt, args)

@@ -7,8 +7,11 @@ runs are reused: a rerun only does what is missing, and a local model of a site 
 not limit (the CT site in ``limited-1toK``) is trained once and copied into the other scenarios.
 
 A method name is a base (``local-ct``, ``local-mri``, ``centralized``, ``fedavg``, ``fedgin``) with
-an optional suffix: ``+gin`` (GIN on every training slice) or ``+ipa`` (GIN with IPA's
-pseudo-correlation blending, Ouyang et al.); ``fedgin`` is ``fedavg+gin``.
+an optional suffix: ``+gin`` (fedgin's GIN recipe, the preset's: views, consistency, IPA as the
+preset sets them), ``+ipa`` (the recipe with IPA's pseudo-correlation blending forced on) or
+``+gin1`` (the FedGIN paper's GIN: one GIN view per slice, no IPA, no consistency term); ``fedgin``
+is ``fedavg+gin`` (``fedgin+ipa``, ``fedgin+gin1``: fedgin with that recipe). Every method gets the same optimiser, schedule, standard intensity
+augmentation and number of steps; a step always takes the preset's batch of images.
 """
 
 from __future__ import annotations
@@ -35,26 +38,43 @@ BASE_METHODS = ("local-ct", "local-mri", "centralized", "fedavg", "fedgin")
 DEFAULT_METHODS = ("local-ct", "local-ct+gin", "local-mri", "centralized", "fedavg", "fedgin")
 
 
+# suffix -> the GIN recipe it trains with, as TrainConfig fields over the preset's
+RECIPES: dict[str, dict] = {
+    "": {"gin": False},
+    "gin": {"gin": True},
+    "ipa": {"gin": True, "ipa": True},
+    "gin1": {"gin": True, "ipa": False, "gin_views": 1, "clean_view": False, "consistency": 0.0},
+}
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     kind: str  # local | centralized | federated
     site_modality: str | None  # for local: CT or MRI
-    gin: bool
-    ipa: bool = False
+    recipe: str  # a key of RECIPES
+
+    @property
+    def gin(self) -> bool:
+        return RECIPES[self.recipe]["gin"]
+
+    @property
+    def train_overrides(self) -> dict:
+        return dict(RECIPES[self.recipe])
 
 
 def parse_method(text: str) -> Method:
     name = text.strip()
     base, _, suffix = name.partition("+")
-    if base not in BASE_METHODS or suffix not in ("", "gin", "ipa") or (base == "fedgin" and suffix == "gin"):
-        raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} (optionally +gin or +ipa)")
-    gin, ipa = base == "fedgin" or suffix in ("gin", "ipa"), suffix == "ipa"
+    if base not in BASE_METHODS or suffix not in RECIPES or (base == "fedgin" and suffix == "gin"):
+        raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
+                          "(optionally +gin, +ipa or +gin1; fedgin is fedavg+gin)")
+    recipe = suffix or ("gin" if base == "fedgin" else "")
     if base in ("fedgin", "fedavg"):
-        return Method(name, "federated", None, gin, ipa)
+        return Method(name, "federated", None, recipe)
     if base == "centralized":
-        return Method(name, "centralized", None, gin, ipa)
-    return Method(name, "local", "CT" if base == "local-ct" else "MRI", gin, ipa)
+        return Method(name, "centralized", None, recipe)
+    return Method(name, "local", "CT" if base == "local-ct" else "MRI", recipe)
 
 
 def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[str, str], seed: int,
@@ -124,8 +144,7 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
                 start = time.perf_counter()
                 log(f"[{scenario} {method.name} seed {seed}] training ...")
                 base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
-                               train_overrides={"gin": method.gin, "ipa": method.ipa,
-                                                "steps_per_epoch": steps_per_epoch},
+                               train_overrides={**method.train_overrides, "steps_per_epoch": steps_per_epoch},
                                seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
                                local_epochs=local_epochs)
                 model_dir = _train_method(base, method, limits, modalities, train_non_federated, federate, log)

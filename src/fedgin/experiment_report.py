@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from .labels import get_scheme  # noqa: E402
 from .overlays import OVERLAY_DIR, overlay_paths  # noqa: E402
-from .report import read_metrics  # noqa: E402
+from .report import SCORED_CHECKPOINT, read_metrics  # noqa: E402
 
 #: A hand-written reading of an experiment's numbers, put in ``report.md`` after the measured claims.
 ANALYSIS_FILE = "analysis.md"
@@ -157,6 +157,7 @@ def write_experiment_report(out: Path, scenarios: list[str], methods: list[str],
         lines += [f"- command: `{meta.get('command', '')}`", f"- date: {meta.get('date', '')}",
                   f"- machine: {meta.get('machine', '')}", f"- wall time: {meta.get('wall_minutes', '?')} min", ""]
     lines += notes or []
+    lines += [SCORED_CHECKPOINT, ""]
     lines += [f"Test-set Dice per organ (mean over test cases, then mean ± sd over {seeds} seed(s)); "
               "'-' = not annotated in any test case.", ""]
     for scenario in scenarios:

@@ -88,6 +88,12 @@ class LabelScheme:
         """``{"background": 0, organ: id, ...}`` as written to ``labels.json``."""
         return {"background": 0, **{o: i + 1 for i, o in enumerate(self.organs)}}
 
+    @property
+    def expected_components(self) -> dict[str, int]:
+        """``{organ: n}``: the separate structures a class holds in one patient, one per fine organ
+        (``abdomen5``'s ``kidneys``: 2). Post-processing keeps at most that many components."""
+        return {organ: len(fines) for organ, fines in self.members}
+
     def class_of_fine(self, fine: str) -> str:
         """The scheme class holding fine organ ``fine``."""
         for organ, fines in self.members:

@@ -59,3 +59,23 @@ class PartialLabelDiceCELoss(torch.nn.Module):
         onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(log_q.dtype)
         dice = self.dice(log_q.exp(), onehot)
         return self.lambda_dice * dice + self.lambda_ce * ce
+
+
+def view_consistency(logits: torch.Tensor, views: int) -> torch.Tensor:
+    """Ouyang et al.'s consistency term: the KL divergence of each view's prediction from the
+    mean prediction over the views of the same slice.
+
+    ``logits``: ``(views * B) x C x H x W[ x D]``, view-major (rows ``v * B .. v * B + B - 1``
+    are view ``v``). Returns ``mean over views, samples and voxels of sum_c p_mean log(p_mean /
+    p_v)`` (the per-voxel KL, so its weight does not depend on the number of classes; Ouyang's
+    lambda 10 with PyTorch's mean over B x C x H x W is about 10 / C on this scale). Zero when all
+    views predict the same.
+    """
+    if views < 2:
+        return logits.new_zeros(())
+    logp = F.log_softmax(logits.float(), dim=1)
+    logp = logp.view(views, -1, *logp.shape[1:])
+    mean = logp.exp().mean(0, keepdim=True)
+    log_mean = mean.clamp_min(1e-12).log()
+    kl = (mean * (log_mean - logp)).sum(dim=2)
+    return kl.mean()

@@ -42,6 +42,7 @@ OVERLAY_DIR = "overlays"
 PANEL_INCHES = 3.0
 DPI = 100
 ALPHA = 0.45
+WINDOW_PERCENTILES = (1.0, 99.0)
 #: One colour per organ in every panel and every PNG; organs of other schemes get ``C{id}``.
 ORGAN_COLOURS = {
     "liver": "tab:red",
@@ -143,6 +144,13 @@ def _radiological(plane: np.ndarray) -> np.ndarray:
     return plane.T[::-1, ::-1]
 
 
+def display_window(plane: np.ndarray) -> tuple[float, float]:
+    """Grey window of a preprocessed plane: its 1st-99th percentiles (z-scored slices are not in
+    [0, 1], and a few bright voxels must not darken the rest); a flat plane gets a unit-wide one."""
+    lo, hi = (float(v) for v in np.percentile(plane, WINDOW_PERCENTILES))
+    return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+
+
 def _colour_overlay(labels: np.ndarray, colours: dict[int, tuple[float, float, float]]) -> np.ndarray:
     """``H x W`` label map -> ``H x W x 4`` RGBA, transparent where background."""
     rgba = np.zeros(labels.shape + (4,), dtype=np.float32)
@@ -153,13 +161,15 @@ def _colour_overlay(labels: np.ndarray, colours: dict[int, tuple[float, float, f
 
 def render_overlay(path: Path, image: np.ndarray, panels: list[Panel], scheme: LabelScheme, title: str,
                    notes: list[str]) -> Path:
-    """Write one PNG (atomically): ``panels`` side by side over the ``H x W`` image in [0, 1], a
-    legend of the organ colours and ``notes`` underneath."""
+    """Write one PNG (atomically): ``panels`` side by side over the ``H x W`` preprocessed image
+    (z-scored, or [0, 1] for ``intensity="unit"`` models) in grey over its :func:`display_window`,
+    a legend of the organ colours and ``notes`` underneath."""
     colours = organ_colours(scheme)
     width, height = PANEL_INCHES * len(panels), PANEL_INCHES + 1.2
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+    vmin, vmax = display_window(image)
     for ax, panel in zip(axes[0], panels):
-        ax.imshow(_radiological(image), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(_radiological(image), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
         if panel.labels is not None:
             ax.imshow(_colour_overlay(_radiological(panel.labels), colours), interpolation="nearest")
         ax.set_title(panel.title, fontsize=9)

@@ -1,5 +1,8 @@
 """``fedgin predict``: NIfTI in, uint8 label map out with exactly the input's shape and affine.
 
+The label map is post-processed on the input's grid with the checkpoint's plan (keep each listed
+organ's largest connected components) unless ``postprocess=False`` (``--no-postprocess``).
+
 Every output is written to a temporary name and renamed, and all inputs are validated before the
 first output is written, so a failure leaves nothing half-written.
 """
@@ -74,7 +77,7 @@ def infer_modality(inputs: Path, sites: list[dict], explicit: str | None) -> str
 
 
 def predict(inputs: str, out: str, model: str, *, modality: str | None = None, masks: bool = False,
-            device: str = "auto", log=print) -> list[Path]:
+            device: str = "auto", postprocess: bool = True, log=print) -> list[Path]:
     ckpt = load_checkpoint(model)
     src = Path(inputs)
     files = list_inputs(src)
@@ -91,9 +94,9 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     # outputs are staged in a hidden folder and moved in only once every input has succeeded
     stage = Path(tempfile.mkdtemp(prefix=".fedgin-predict-", dir=dest))
     try:
-        staged = _predict_all(files, stage, net, ckpt, mod, dev, masks, log)
+        staged = _predict_all(files, stage, net, ckpt, mod, dev, masks, postprocess, log)
         _write_json(stage / "labels.json", ckpt.scheme.label_ids)
-        _write_json(stage / "provenance.json", _provenance(ckpt, files, inputs, out, mod, masks, dev))
+        _write_json(stage / "provenance.json", _provenance(ckpt, files, inputs, out, mod, masks, dev, postprocess))
         written = []
         for path in staged + [stage / "labels.json", stage / "provenance.json"]:
             os.replace(path, dest / path.name)
@@ -107,13 +110,15 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     return written
 
 
-def _predict_all(files, dest, net, ckpt, mod, dev, masks, log) -> list[Path]:
+def _predict_all(files, dest, net, ckpt, mod, dev, masks, postprocess, log) -> list[Path]:
     written: list[Path] = []
     for f in files:
         start = time.perf_counter()
         image, affine = read_volume(f, kind="image")
         pre = preprocess(image, affine, mod, ckpt.preprocess)
         labels = predict_labels(net, pre, dev)
+        if postprocess:
+            labels = ckpt.postprocess.apply(labels, ckpt.scheme)
         name = case_name(f)
         written.append(write_volume(dest / f"{name}.nii.gz", labels, affine, dtype=np.uint8))
         if masks:
@@ -125,14 +130,16 @@ def _predict_all(files, dest, net, ckpt, mod, dev, masks, log) -> list[Path]:
     return written
 
 
-def _provenance(ckpt, files, inputs, out, mod, masks, dev) -> dict:
+def _provenance(ckpt, files, inputs, out, mod, masks, dev, postprocess) -> dict:
     return {
         "model": str(ckpt.path),
         "model_meta": ckpt.meta,
         "scheme": ckpt.scheme.to_dict(),
         "preprocess": ckpt.preprocess.to_dict(),
         "architecture": ckpt.model_config.to_dict(),
-        "arguments": {"input": inputs, "output": out, "modality": mod, "masks": masks, "device": str(dev)},
+        "arguments": {"input": inputs, "output": out, "modality": mod, "masks": masks, "device": str(dev),
+                      "postprocess": postprocess,
+                      "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None},
         "inputs": [str(f) for f in files],
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

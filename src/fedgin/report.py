@@ -53,6 +53,30 @@ def plot_training_curves(run: Path, out_png: Path | None = None) -> Path | None:
     return out_png
 
 
+#: which model of each run is scored, and why (the same sentence in every report)
+SCORED_CHECKPOINT = (
+    "Scored checkpoint: each run's last one (`checkpoints/last.pt`: the final epoch, or the final "
+    "round's global model), with its post-processing plan. The learning rate decays to near zero "
+    "over the run (poly schedule), so the last iterate is the settled one, as in nnU-Net; picking "
+    "a 'best' epoch or round on validation Dice would pick on one or two validation cases per "
+    "site, noise at this size, and would give methods a selection step the others lack.")
+
+
+def _gin_recipe(train: dict) -> str:
+    """The GIN settings of a run's ``config.json`` in words."""
+    if not train["gin"]:
+        return "off"
+    views = train.get("gin_views", 1)
+    parts = [f"{views} view{'s' if views > 1 else ''}", "IPA" if train.get("ipa") else "no IPA"]
+    if train.get("clean_view"):
+        parts.append("+ a clean view")
+    if train.get("consistency"):
+        parts.append(f"consistency {train['consistency']:g}")
+    if train.get("gin_p", 1.0) < 1:
+        parts.append(f"p {train['gin_p']:g}")
+    return "on (" + ", ".join(parts) + ")"
+
+
 def write_run_report(run: Path, eval_dir: Path | None, out_md: Path, title: str = "fedgin run",
                      notes: list[str] | None = None) -> Path:
     """A markdown report: settings, the per-organ per-modality table and the training curves."""
@@ -65,7 +89,11 @@ def write_run_report(run: Path, eval_dir: Path | None, out_md: Path, title: str 
         sites = ", ".join(f"{s['name']} ({s.get('modality') or 'auto'})" for s in cfg["sites"])
         lines += [f"- sites: {sites}", f"- mode: {cfg['mode']}, strategy: {cfg.get('strategy')}, "
                   f"rounds: {cfg.get('rounds')}, local epochs: {cfg.get('local_epochs')}",
-                  f"- GIN: {cfg['train']['gin']}, preset: {cfg['preset']}, seed: {cfg['seed']}", ""]
+                  f"- GIN: {_gin_recipe(cfg['train'])}, preset: {cfg['preset']}, seed: {cfg['seed']}",
+                  f"- learning rate {cfg['train']['lr']}, schedule {cfg['train'].get('lr_schedule', 'constant')}, "
+                  f"standard intensity augmentation {'on' if cfg['train'].get('intensity_augment') else 'off'}, "
+                  f"intensities {cfg['preprocess'].get('intensity', 'unit')}", ""]
+        lines += [SCORED_CHECKPOINT, ""]
     if eval_dir is not None and (Path(eval_dir) / "summary.json").exists():
         summary = json.loads((Path(eval_dir) / "summary.json").read_text())
         scheme = get_scheme(summary["scheme"]["name"])

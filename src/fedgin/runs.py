@@ -1,7 +1,8 @@
 """Run directories and the non-federated modes (local, centralized) on top of the one trainer.
 
 A run dir holds ``config.json``, ``metrics.jsonl`` (one line per epoch or round per site),
-``checkpoints/`` (one global checkpoint per epoch/round and ``last.pt``) and plots.
+``checkpoints/`` (one global checkpoint per epoch/round and ``last.pt``), ``postprocess.json``
+(the post-processing plan decided on the validation cases, see :mod:`fedgin.postprocess`) and plots.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .data.sites import SiteData, load_site
 from .errors import FedginError
 from .labels import get_scheme
 from .model import build_model
+from .postprocess import PostprocessPlan, decide_plan, decision_record, validation_scores, write_decision
 from .trainer import EpochResult, Trainer, resolve_device, seed_everything
 
 
@@ -85,7 +87,27 @@ def _epoch_line(result: EpochResult, site: SiteData, mode: str, dice: dict | Non
         "dice": dice if dice is not None else result.dice,
         "seconds": result.seconds,
         "slices": result.num_slices,
+        "lr": result.extra.get("lr"),
     }
+
+
+def decide_postprocessing(cfg: RunConfig, model: torch.nn.Module, sites: list[SiteData],
+                          device: torch.device) -> tuple[PostprocessPlan, dict]:
+    """The final model's post-processing plan and its record (``postprocess.json``), decided on
+    the validation cases of ``sites`` pooled (centralized: every site's)."""
+    scheme = get_scheme(cfg.scheme)
+    names = [s.name for s in sites]
+    if not cfg.postprocess:
+        return PostprocessPlan(), decision_record(scheme, PostprocessPlan(), None, None, sites=names,
+                                                  validation_cases=0, note="post-processing off (--no-postprocess)")
+    cases = [c for s in sites for c in s.val]
+    if not cases:
+        return PostprocessPlan(), decision_record(scheme, PostprocessPlan(), None, None, sites=names,
+                                                  validation_cases=0,
+                                                  note="no validation cases: no post-processing")
+    plain, pp = validation_scores(model, cases, scheme, device)
+    plan = decide_plan(plain, pp, scheme)
+    return plan, decision_record(scheme, plan, plain, pp, sites=names, validation_cases=len(cases))
 
 
 def train_non_federated(cfg: RunConfig, *, resume: bool = False, train_ids=None, log=print) -> Path:
@@ -145,11 +167,17 @@ def _train_one(cfg: RunConfig, out: Path, sites: list[SiteData], *, resume: bool
                           for k, v in dice.items() if v is not None})
         meta = {"mode": cfg.mode, "epoch": result.epoch, "seed": cfg.seed, "split": cfg.split, "time": time.time()}
         extra = {"optimizer": trainer.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        plan = None
+        if result.epoch == cfg.train.epochs:
+            plan, meta["postprocess"] = decide_postprocessing(cfg, model, sites, device)
+            # written before the checkpoints: a run whose last checkpoint exists has its decision
+            write_decision(out / "postprocess.json", meta["postprocess"])
+            log(f"[{desc}] post-processing decided on validation cases: {plan}")
         path = save_checkpoint(out / "checkpoints" / f"epoch_{result.epoch:03d}.pt", model.state_dict(),
                                model_config=cfg.model, scheme=scheme, preprocess=cfg.preprocess,
-                               sites=records, meta=meta, extra=extra)
+                               sites=records, meta=meta, extra=extra, postprocess=plan)
         save_checkpoint(last, model.state_dict(), model_config=cfg.model, scheme=scheme,
-                        preprocess=cfg.preprocess, sites=records, meta=meta, extra=extra)
+                        preprocess=cfg.preprocess, sites=records, meta=meta, extra=extra, postprocess=plan)
         log(f"[{desc}] epoch {result.epoch}/{cfg.train.epochs} loss {result.loss:.4f} "
             f"val dice {shown or '-'} ({result.seconds:.1f}s) -> {path.name}")
 

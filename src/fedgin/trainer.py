@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import LR_SCHEDULES, TrainConfig
 from .data.sites import CaseData
 from .inference import predict_preprocessed_labels
 from .labels import LabelScheme
-from .losses import PartialLabelDiceCELoss
+from .augment import GIN, IPA, RandomIntensity
+from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd
 
 
@@ -112,67 +113,113 @@ def random_affine(images: torch.Tensor, labels: torch.Tensor, generator: torch.G
     theta = torch.zeros(b, 2, 3, device=images.device)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # the border is air: with z-scored slices, zero padding would paint body-mean tissue in
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     labels = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros",
                            align_corners=False).to(labels.dtype)
     return images, labels
 
 
+def poly_lr(base_lr: float, step: int, total_steps: int, exponent: float = 0.9) -> float:
+    """nnU-Net's poly schedule: ``base_lr * (1 - step / total_steps) ** exponent`` for the 0-based
+    ``step`` of a run of ``total_steps``; the last step runs at ``base_lr * (1 / total) ** exponent``."""
+    return base_lr * (1.0 - min(step, total_steps) / max(total_steps, 1)) ** exponent
+
+
 class Trainer:
     """Trains a segmentation model on preprocessed cases.
 
-    ``fit`` runs whole epochs; the model and optimiser persist across calls (local and centralized
-    modes call it once per epoch so each epoch is checkpointed; the federated client makes a fresh
-    Trainer per round, as FedAvg clients start each round from the global weights).
+    ``fit`` runs whole epochs; the model and optimiser persist across calls. Local and centralized
+    modes keep one Trainer for the run; the federated client makes one per round and carries the
+    optimiser's state across rounds itself (:meth:`optimizer_state`, :meth:`load_optimizer_state`).
+
+    The learning rate follows one schedule over the whole run of ``total_epochs`` epochs
+    (``cfg.lr_schedule``: ``poly`` or ``constant``), indexed by the absolute epoch passed to
+    :meth:`fit` (a federated round ``r`` starts at epoch ``(r - 1) * local_epochs``).
+
+    Each step takes ``cfg.batch_size`` images: without GIN, that many slices; with GIN,
+    ``round(batch_size / k)`` slices in ``k = gin_views + clean_view`` views each (same geometry,
+    independent intensity draws), so every method costs the same per step. With ``k >= 2`` the
+    loss adds ``consistency`` times the KL of each view's prediction from the views' mean
+    (:func:`fedgin.losses.view_consistency`).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, scheme: LabelScheme,
-                 device: torch.device, seed: int = 0, *, gin: bool | None = None):
+                 device: torch.device, seed: int = 0, *, gin: bool | None = None,
+                 total_epochs: int | None = None):
         self.model = model.to(device)
         self.cfg, self.scheme, self.device, self.seed = cfg, scheme, device, seed
         self.use_gin = cfg.gin if gin is None else gin
+        self.total_epochs = cfg.epochs if total_epochs is None else total_epochs
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
         self.loss_fn = PartialLabelDiceCELoss()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.intensity = RandomIntensity() if cfg.intensity_augment else None
         self.gin = self.ipa = None
         if self.use_gin:
-            from .augment import GIN, IPA
-
             self.gin = GIN(spatial_dims=2, p=cfg.gin_p)
             self.ipa = IPA(spatial_dims=2, p=cfg.gin_p) if cfg.ipa else None
+        self.views = (max(1, cfg.gin_views) + int(cfg.clean_view)) if self.use_gin else 1
+        self.slices_per_step = max(1, round(cfg.batch_size / self.views))
+        self.last_lr = cfg.lr
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
 
-    def _augment(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
-        if self.cfg.spatial_augment:
-            images, labels = random_affine(images, labels, gen)
-        if self.ipa is not None:
-            images = self.ipa(images, generator=gen)
-        elif self.gin is not None:
-            images = self.gin(images, generator=gen)
-        return images, labels
+    # --- optimiser state (kept across federated rounds at the site) --------------------------
+    def optimizer_state(self) -> dict:
+        """The optimiser's (and AMP scaler's) state: tensors and numbers only."""
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        return poly_lr(self.cfg.lr, step, total_steps, self.cfg.poly_exponent)
+
+    def _views(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``B x 1 x H x W`` -> ``(k * B) x 1 x H x W``, view-major: the GIN (or IPA) views, then the
+        clean view; each with its own standard intensity draw."""
+        out = []
+        for v in range(self.views):
+            x = self.intensity(images, generator=gen) if self.intensity is not None else images
+            is_clean = self.cfg.clean_view and v == self.views - 1
+            if self.use_gin and not is_clean:
+                x = self.ipa(x, generator=gen) if self.ipa is not None else self.gin(x, generator=gen)
+            out.append(x)
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def fit(self, cases: list[CaseData], epochs: int = 1, *, start_epoch: int = 0,
             val_cases: list[CaseData] | None = None, global_params: list[torch.Tensor] | None = None,
             desc: str = "train", on_epoch=None) -> list[EpochResult]:
-        """Train ``epochs`` epochs on ``cases``; returns one :class:`EpochResult` per epoch.
+        """Train ``epochs`` epochs on ``cases`` from the absolute epoch ``start_epoch``; returns one
+        :class:`EpochResult` per epoch.
 
         ``global_params`` (FedProx) adds ``proximal_mu / 2 * ||w - w_global||^2`` to the loss.
         ``on_epoch(result)`` is called after each epoch (metrics lines, checkpoints).
         """
         bank = SliceBank(cases)
-        steps = self.cfg.steps_per_epoch or max(1, math.ceil(len(bank) / self.cfg.batch_size))
+        steps = self.cfg.steps_per_epoch or max(1, math.ceil(len(bank) / self.slices_per_step))
+        total_steps = max(self.total_epochs, start_epoch + epochs) * steps
         results = []
         for epoch in range(start_epoch, start_epoch + epochs):
             rng = np.random.default_rng([self.seed, epoch])
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            sampler = BalancedSampler(bank, self.cfg.batch_size, self.cfg.foreground_fraction, rng)
+            sampler = BalancedSampler(bank, self.slices_per_step, self.cfg.foreground_fraction, rng)
             start = time.perf_counter()
             total = 0.0
             self.model.train()
             bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}", leave=False, unit="step", disable=None)
-            for _ in bar:
+            for i in bar:
+                self.last_lr = self.lr_at(epoch * steps + i, total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.last_lr
                 idx = sampler.batch()
                 loss = self.step(bank, idx, gen, global_params)
                 total += loss
@@ -180,7 +227,8 @@ class Trainer:
             dice = self.validate(val_cases) if (val_cases and self.cfg.validate) else {}
             result = EpochResult(epoch=epoch + 1, loss=total / steps, dice=dice,
                                  seconds=time.perf_counter() - start,
-                                 num_slices=steps * self.cfg.batch_size, steps=steps)
+                                 num_slices=steps * self.slices_per_step, steps=steps,
+                                 extra={"lr": self.last_lr})
             results.append(result)
             if on_epoch is not None:
                 on_epoch(result)
@@ -192,11 +240,17 @@ class Trainer:
         images = torch.from_numpy(bank.images[idx])[:, None].to(self.device, non_blocking=True)
         labels = torch.from_numpy(bank.labels[idx].astype(np.int64))[:, None].to(self.device)
         annotated = torch.from_numpy(bank.annotated[idx]).to(self.device)
-        images, labels = self._augment(images, labels, gen)
+        if self.cfg.spatial_augment:
+            images, labels = random_affine(images, labels, gen)
+        images = self._views(images, gen)
+        if self.views > 1:
+            labels, annotated = labels.repeat(self.views, 1, 1, 1), annotated.repeat(self.views, 1)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.model(images)
         loss = self.loss_fn(logits.float(), labels, annotated)
+        if self.views > 1 and self.cfg.consistency > 0:
+            loss = loss + self.cfg.consistency * view_consistency(logits, self.views)
         if global_params is not None and self.cfg.proximal_mu > 0:
             prox = sum(((p - g) ** 2).sum() for p, g in zip(self.model.parameters(), global_params))
             loss = loss + 0.5 * self.cfg.proximal_mu * prox

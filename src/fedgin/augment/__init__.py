@@ -1,6 +1,8 @@
-"""Image augmentations applied to training batches: GIN and its IPA extension."""
+"""Image augmentations applied to training batches: GIN, its IPA extension, and the standard
+intensity augmentation every method gets."""
 
 from .gin import GIN, GINDraw
+from .intensity import RandomIntensity
 from .ipa import IPA
 
-__all__ = ["GIN", "GINDraw", "IPA"]
+__all__ = ["GIN", "GINDraw", "IPA", "RandomIntensity"]

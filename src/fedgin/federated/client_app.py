@@ -8,15 +8,18 @@ Only the model's arrays and scalar metrics are put in the reply.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..atomic import write_bytes
 from ..config import RunConfig, SiteSpec
 from ..model import build_model
 from .task import evaluate_round, norm_layer_keys, run_config_from_json, train_round
@@ -67,6 +70,46 @@ def _local_arrays(context, cfg, site) -> dict[str, np.ndarray] | None:
         return {k: data[k] for k in data.files}
 
 
+OPTIMIZER_KEY = "fedgin-optimizer"
+
+
+def _optimizer_path(context: Context, cfg: RunConfig, site: SiteSpec, server_round: int) -> Path:
+    return _local_state_path(context, cfg, site).parent / f"optimizer_round_{server_round:03d}.pt"
+
+
+def load_optimizer_state(context: Context, cfg: RunConfig, site: SiteSpec, server_round: int) -> dict | None:
+    """The optimiser state this site had after ``server_round - 1``: from ``context.state``
+    (Flower keeps it at the node for the run), else from the site's state dir (a resumed run is a
+    new Flower run with an empty ``context.state``); None in round 1."""
+    if server_round <= 1:
+        return None
+    record = context.state.config_records.get(OPTIMIZER_KEY)
+    if record is not None and int(record["round"]) == server_round - 1:
+        blob = bytes(record["state"])
+    else:
+        path = _optimizer_path(context, cfg, site, server_round - 1)
+        if not path.exists():
+            logger.warning("fedgin site %s: no optimiser state of round %d; starting a fresh optimiser",
+                           site.name, server_round - 1)
+            return None
+        blob = path.read_bytes()
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def save_optimizer_state(context: Context, cfg: RunConfig, site: SiteSpec, server_round: int, state: dict) -> None:
+    """Keep the state in ``context.state`` and, for a resume, in the site's state dir (the last
+    two rounds: a server killed mid-round resumes from the round before)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    context.state[OPTIMIZER_KEY] = ConfigRecord({"round": int(server_round), "state": blob})
+    path = _optimizer_path(context, cfg, site, server_round)
+    write_bytes(path, blob)
+    for old in path.parent.glob("optimizer_round_*.pt"):
+        if old.name < _optimizer_path(context, cfg, site, server_round - 1).name:
+            old.unlink(missing_ok=True)
+
+
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in msg.content["arrays"].items()}
 
@@ -77,12 +120,15 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = run_config_from_json(str(config["run-config"]))
     site, index = resolve_site(context, cfg)
-    arrays, metrics = train_round(
-        cfg, site, index, _arrays(msg), int(config["server-round"]),
+    server_round = int(config["server-round"])
+    arrays, metrics, optimizer = train_round(
+        cfg, site, index, _arrays(msg), server_round,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         local_arrays=_local_arrays(context, cfg, site),
         train_ids=(cfg.train_cases or {}).get(site.name),
+        optimizer_state=load_optimizer_state(context, cfg, site, server_round),
     )
+    save_optimizer_state(context, cfg, site, server_round, optimizer)
     if cfg.strategy == "fedbn":
         keys = norm_layer_keys(build_model(cfg.model))
         path = _local_state_path(context, cfg, site)

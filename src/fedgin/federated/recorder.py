@@ -1,5 +1,6 @@
 """Server-side bookkeeping of a federated run (plain Python): per-round global checkpoints,
-one ``metrics.jsonl`` line per site per round, terminal progress, and the state to resume from."""
+one ``metrics.jsonl`` line per site per round, the post-processing plan decided from the sites'
+validation Dice (``postprocess.json``), terminal progress, and the state to resume from."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 from ..checkpoint import load_raw, save_checkpoint
 from ..config import RunConfig
 from ..labels import get_scheme
+from ..postprocess import PostprocessPlan, decide_plan, decision_record, write_decision
 from ..runs import MetricsLog
-from .task import numpy_to_state
+from .task import nan_weighted_mean, numpy_to_state
 
 MODALITY_NAMES = {0: "CT", 1: "MRI"}
 
@@ -75,21 +77,51 @@ class RoundRecorder:
                 modality=modality,
                 loss=_clean(t.get("loss")),
                 dice={o: _clean(e.get(f"dice-{o}")) for o in self.scheme.organs} if e else None,
+                dice_pp={o: _clean(e.get(f"dice-pp-{o}")) for o in self.scheme.organs} if e else None,
                 local_dice={o: _clean(t.get(f"dice-{o}")) for o in self.scheme.organs} if t else None,
                 seconds=_clean(t.get("seconds")),
+                lr=_clean(t.get("lr")),
                 num_examples=int(t["num-examples"]) if t else None,
                 trained=bool(t),
             )
         state = numpy_to_state(arrays, reference)
+        plan, decision = self.decide_postprocessing(server_round)
         meta = {"mode": "federated", "round": server_round, "strategy": self.cfg.strategy, "seed": self.cfg.seed,
                 "split": self.cfg.split,
-                "gin": self.cfg.train.gin, "sites_replied": len(train), "time": time.time()}
+                "gin": self.cfg.train.gin, "sites_replied": len(train), "time": time.time(),
+                "postprocess": decision}
+        # written before the checkpoints: a round whose checkpoint exists has its decision
+        write_decision(self.out / "postprocess.json", decision)
         kwargs = dict(model_config=self.cfg.model, scheme=self.scheme, preprocess=self.cfg.preprocess,
-                      sites=self.sites, meta=meta, extra={"strategy_state": strategy_state})
+                      sites=self.sites, meta=meta, extra={"strategy_state": strategy_state}, postprocess=plan)
         path = save_checkpoint(self.out / "checkpoints" / f"round_{server_round:03d}.pt", state, **kwargs)
         save_checkpoint(self.out / "checkpoints" / "last.pt", state, **kwargs)
         self._progress(server_round, train, evaluate)
+        if server_round == self.cfg.rounds:
+            self.log(f"post-processing decided on the sites' validation cases: {plan}")
         return path
+
+    def decide_postprocessing(self, server_round: int) -> tuple[PostprocessPlan, dict]:
+        """The plan for this round's global model, from its evaluate replies only (so a resumed run
+        decides the same): per organ the sites' validation Dice without and with the candidate
+        post-processing, weighted by their validation cases over the sites that have a value."""
+        evaluate = self.evaluate.get(server_round, {})
+        names = {self.site_name(i): int(e.get("num-examples", 0)) for i, e in sorted(evaluate.items())}
+        context = {"round": server_round, "evaluate_sites": names}
+        if not self.cfg.postprocess:
+            return PostprocessPlan(), decision_record(self.scheme, PostprocessPlan(), None, None, **context,
+                                                      note="post-processing off (--no-postprocess)")
+        replies = [evaluate[i] for i in sorted(evaluate)]
+        weights = [float(r.get("num-examples", 0)) for r in replies]
+        nan = float("nan")
+        plain = {o: _clean(nan_weighted_mean([float(r.get(f"dice-{o}", nan)) for r in replies], weights))
+                 for o in self.scheme.organs}
+        pp = {o: _clean(nan_weighted_mean([float(r.get(f"dice-pp-{o}", nan)) for r in replies], weights))
+              for o in self.scheme.organs}
+        plan = decide_plan(plain, pp, self.scheme)
+        note = None if any(v is not None for v in plain.values()) else \
+            "no validation Dice from any site this round: no post-processing"
+        return plan, decision_record(self.scheme, plan, plain, pp, **context, note=note)
 
     def _progress(self, server_round: int, train: dict, evaluate: dict) -> None:
         seconds = time.perf_counter() - self.round_start

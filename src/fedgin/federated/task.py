@@ -22,6 +22,7 @@ from ..config import RunConfig, SiteSpec
 from ..data.sites import SiteData, load_site
 from ..labels import get_scheme
 from ..model import build_model
+from ..postprocess import validation_scores
 from ..trainer import Trainer, resolve_device, seed_everything
 
 MODALITY_CODES = {"CT": 0, "MRI": 1}
@@ -110,9 +111,16 @@ def train_round(
     proximal_mu: float = 0.0,
     local_arrays: dict[str, np.ndarray] | None = None,
     train_ids: list[str] | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    optimizer_state: dict | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict]:
     """One site's part of a round: load the global weights (plus this site's own normalisation
-    layers under FedBN), train ``cfg.local_epochs`` epochs, return new weights and scalar metrics.
+    layers under FedBN), train ``cfg.local_epochs`` epochs, return new weights, scalar metrics and
+    the site's optimiser state.
+
+    ``optimizer_state`` is what this site's previous round returned (None in round 1): the site's
+    AdamW moments carry across rounds, as a local run's do; it never leaves the site. The learning
+    rate follows the run's one schedule over ``rounds x local_epochs`` epochs, from the epoch the
+    server round starts at.
 
     Metrics: ``num-examples`` (the site's training slices, FedAvg's weight), ``loss``,
     ``dice-<organ>`` on the site's validation cases after local training (NaN when not
@@ -130,9 +138,12 @@ def train_round(
         arrays.update(local_arrays)
     model.load_state_dict(numpy_to_state(arrays, reference))
     train_cfg = replace(cfg.train, proximal_mu=proximal_mu)
-    trainer = Trainer(model, train_cfg, scheme, device, seed=seed)
+    trainer = Trainer(model, train_cfg, scheme, device, seed=seed, total_epochs=cfg.rounds * cfg.local_epochs)
+    if optimizer_state is not None:
+        trainer.load_optimizer_state(optimizer_state)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    results = trainer.fit(data.train, cfg.local_epochs, start_epoch=0, val_cases=data.val,
+    results = trainer.fit(data.train, cfg.local_epochs, start_epoch=(server_round - 1) * cfg.local_epochs,
+                          val_cases=data.val,
                           global_params=global_params, desc=f"{site.name} round {server_round}")
     last = results[-1]
     metrics: dict[str, float] = {
@@ -141,17 +152,23 @@ def train_round(
         "seconds": float(sum(r.seconds for r in results)),
         "modality": MODALITY_CODES[data.modality],
         "site-index": int(site_index),
+        "lr": float(trainer.last_lr),
     }
     for organ in scheme.organs:
         value = last.dice.get(organ)
         metrics[f"dice-{organ}"] = float("nan") if value is None else float(value)
-    return state_to_numpy(model.state_dict()), metrics
+    return state_to_numpy(model.state_dict()), metrics, trainer.optimizer_state()
 
 
 def evaluate_round(cfg: RunConfig, site: SiteSpec, site_index: int, global_arrays: dict[str, np.ndarray],
                    *, local_arrays: dict[str, np.ndarray] | None = None,
                    train_ids: list[str] | None = None) -> dict[str, float]:
-    """Per-organ Dice of the global model on this site's validation cases (scalars only)."""
+    """Per-organ Dice of the global model on this site's validation cases (scalars only).
+
+    Metrics: ``num-examples`` (validation cases, at least 1), ``modality``, ``site-index``,
+    ``dice-<organ>`` and ``dice-pp-<organ>`` (the same with the organ's candidate post-processing,
+    from which the server decides the run's plan); NaN where no validation case annotates the organ.
+    """
     scheme = get_scheme(cfg.scheme)
     data = site_data(cfg, site, train_ids)
     device = resolve_device(cfg.device)
@@ -161,12 +178,13 @@ def evaluate_round(cfg: RunConfig, site: SiteSpec, site_index: int, global_array
         arrays.update(local_arrays)
     model.load_state_dict(numpy_to_state(arrays, model.state_dict()))
     trainer = Trainer(model, replace(cfg.train, gin=False), scheme, device)
-    dice = trainer.validate(data.val) if data.val else {}
+    dice, dice_pp = validation_scores(trainer.model, data.val, scheme, device) if data.val else ({}, {})
     metrics: dict[str, float] = {"num-examples": max(1, len(data.val)), "modality": MODALITY_CODES[data.modality],
                                  "site-index": int(site_index)}
-    for organ in scheme.organs:
-        value = dice.get(organ)
-        metrics[f"dice-{organ}"] = float("nan") if value is None else float(value)
+    for prefix, scores in (("dice", dice), ("dice-pp", dice_pp)):
+        for organ in scheme.organs:
+            value = scores.get(organ)
+            metrics[f"{prefix}-{organ}"] = float("nan") if value is None else float(value)
     return metrics
 
 
