@@ -4,7 +4,9 @@ Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``): ``con
 ``config.json`` written by fedgin; wins over the rest) or ``sites`` (``"ct=DATASET mri=DATASET"``;
 in a deployment ``"ct=- mri=-"``, names and order only, each SuperNode's ``data-dir`` holds its
 data), ``out`` (an absolute path), ``rounds``, ``local-epochs``, ``strategy``, ``gin``, ``preset``,
-``seed``, ``min-sites`` (0: every site). See docs/deployment.md.
+``seed``, ``min-sites`` (0: every site); GIN-recipe keys (``""``: the preset's)
+``gin-views``, ``clean-view``, ``consistency``, ``ipa``, ``gin-p``, ``lr-schedule``. See
+docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from .task import norm_layer_keys, run_config_to_json, state_to_numpy
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+#: optional run-config keys -> the TrainConfig field and type they set
+RECIPE_KEYS = {"gin-views": ("gin_views", int), "clean-view": ("clean_view", bool),
+               "consistency": ("consistency", float), "ipa": ("ipa", bool), "gin-p": ("gin_p", float),
+               "lr-schedule": ("lr_schedule", str)}
+
+
 def config_from_run_config(run_config: dict) -> RunConfig:
     """A RunConfig from Flower's run config (see the module docstring)."""
     path = str(run_config.get("config-file", "") or "")
@@ -47,7 +55,9 @@ def config_from_run_config(run_config: dict) -> RunConfig:
         raise FedginError(f"run config out must be an absolute path, got {out!r}")
     min_sites = int(run_config.get("min-sites", 0) or 0)
     cfg = resolve(str(run_config.get("preset", "quick")), command="flwr run", out=out,
-                  sites=tuple(sites), train_overrides={"gin": bool(run_config.get("gin", True))},
+                  sites=tuple(sites), train_overrides={"gin": bool(run_config.get("gin", True)), **{
+                      field: kind(run_config[key]) for key, (field, kind) in RECIPE_KEYS.items()
+                      if run_config.get(key, "") != ""}},
                   rounds=int(run_config.get("rounds", 3)), local_epochs=int(run_config.get("local-epochs", 1)),
                   strategy=str(run_config.get("strategy", "fedavg")), seed=int(run_config.get("seed", 0)),
                   min_sites=min_sites or None, round_timeout=float(run_config.get("round-timeout", 1800)))
