@@ -28,9 +28,11 @@ def test_budgets_are_total_steps_and_epochs_give_one_budget(domain_gap):
     assert (phantom.budgets, phantom.steps, phantom.variants) == ([600], 50, ["no-gin", "gin"])
     assert domain_gap.parse_args(["--epochs", "3", "--steps", "10"]).budgets == [30]
     real = domain_gap.parse_args(["--data", "real"])
-    assert (real.budgets, real.steps, real.variants) == ([500, 2000], 100, ["no-gin", "gin", "gin-p0.5", "gin+ipa"])
+    assert (real.budgets, real.steps, real.variants) == (
+        [1000], 50, ["no-gin", "gin", "gin+ipa", "gin-2v-c2", "gin-clean-c2", "ipa-2v-c2"])
+    assert real.score_on == "selection"
     assert real.out.name == "domain_gap_real.json"
-    for bad in (["--data", "real", "--budgets", "150"], ["--epochs", "2", "--budgets", "100"],
+    for bad in (["--data", "real", "--budgets", "125"], ["--epochs", "2", "--budgets", "100"],
                 ["--variants", "gin,nope"], ["--data", "real", "--train-cases", "3"]):
         with pytest.raises(SystemExit) as exc:
             domain_gap.parse_args(bad)
