@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import LR_SCHEDULES, TrainConfig
+from .config import TrainConfig
 from .data.sites import CaseData
 from .inference import predict_preprocessed_labels
 from .labels import LabelScheme
@@ -151,8 +151,6 @@ class Trainer:
         self.cfg, self.scheme, self.device, self.seed = cfg, scheme, device, seed
         self.use_gin = cfg.gin if gin is None else gin
         self.total_epochs = cfg.epochs if total_epochs is None else total_epochs
-        if cfg.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
         self.loss_fn = PartialLabelDiceCELoss()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = cfg.amp and device.type == "cuda"

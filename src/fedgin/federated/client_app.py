@@ -105,8 +105,9 @@ def save_optimizer_state(context: Context, cfg: RunConfig, site: SiteSpec, serve
     context.state[OPTIMIZER_KEY] = ConfigRecord({"round": int(server_round), "state": blob})
     path = _optimizer_path(context, cfg, site, server_round)
     write_bytes(path, blob)
+    keep_from = _optimizer_path(context, cfg, site, server_round - 1).name
     for old in path.parent.glob("optimizer_round_*.pt"):
-        if old.name < _optimizer_path(context, cfg, site, server_round - 1).name:
+        if old.name < keep_from:
             old.unlink(missing_ok=True)
 
 
