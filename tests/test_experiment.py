@@ -37,6 +37,8 @@ SCENARIOS = ("complete", "limited-1to2")
     ("fedgin+ipa", "federated", None, {"gin": True, "ipa": True}),
     ("fedavg+gin1", "federated", None, {"gin": True, "ipa": False, "gin_views": 1, "clean_view": False,
                                         "consistency": 0.0}),
+    ("fedgin+ipa-p50", "federated", None, {"gin": True, "ipa": True, "gin_p": 0.5}),
+    ("local-ct+gin-p5", "local", "CT", {"gin": True, "gin_p": 0.05}),
 ])
 def test_method_names(name, kind, modality, overrides):
     method = parse_method(name)
@@ -44,7 +46,8 @@ def test_method_names(name, kind, modality, overrides):
     assert method.gin == overrides["gin"]
 
 
-@pytest.mark.parametrize("name", ["fedgin+gin", "fedavg+dp", "local", "local-ct+gin+ipa"])
+@pytest.mark.parametrize("name", ["fedgin+gin", "fedavg+dp", "local", "local-ct+gin+ipa",
+                                  "fedgin-p50", "fedavg-p50", "local-ct+ipa-p0", "local-ct+ipa-p101"])
 def test_unknown_method_names_are_refused(name):
     with pytest.raises(FedginError, match="unknown method"):
         parse_method(name)

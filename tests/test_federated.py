@@ -328,11 +328,14 @@ def test_federate_writes_each_round_and_resumes_exactly(sites, tmp_path):
 
     # the uninterrupted run beside the first half of the interrupted one (their wall time is mostly
     # Ray's start-up), then the resume
-    first, half = _federate(sites, whole, "--rounds", "2"), _federate(sites, resumed, "--rounds", "1")
+    # a constant rate: the poly schedule spans the planned rounds, and this test stands in for an
+    # interruption by planning one round and then extending the run to two
+    const = ("--lr-schedule", "constant")
+    first, half = _federate(sites, whole, "--rounds", "2", *const), _federate(sites, resumed, "--rounds", "1", *const)
     _finished(half, resumed)
     assert not (resumed / "checkpoints" / "round_002.pt").exists()
     _finished(first, whole)
-    _finished(_federate(sites, resumed, "--rounds", "2", "--resume"), resumed)
+    _finished(_federate(sites, resumed, "--rounds", "2", "--resume", *const), resumed)
 
     checkpoints = whole / "checkpoints"
     assert {p.name for p in checkpoints.iterdir()} == {"round_001.pt", "round_002.pt", "last.pt"}

@@ -75,9 +75,9 @@ def test_federated_training_overfits_one_case_per_site(one_case_sites, tmp_path)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedgin.federated.launcher import federate
 
-    cfg = _config(tmp_path / "run", one_case_sites, "federated", 8, tmp_path / "cache", rounds=4, local_epochs=2)
+    cfg = _config(tmp_path / "run", one_case_sites, "federated", 12, tmp_path / "cache", rounds=6, local_epochs=2)
     out = federate(cfg, log=lambda _: None)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({x["round"] for x in lines}) == [1, 2, 3, 4]
+    assert sorted({x["round"] for x in lines}) == [1, 2, 3, 4, 5, 6]
     scores = _dice(out, one_case_sites, tmp_path / "eval", tmp_path / "cache")
     assert min(scores.values()) > MIN_DICE, scores

@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="complete",
                    help="comma-separated: complete, limited-1to1, limited-1to2, limited-1to5")
     p.add_argument("--methods", default="local-ct,local-ct+gin,local-mri,centralized,fedavg,fedgin",
-                   help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin, each optionally with +gin (GIN) or +ipa (GIN with IPA)")
+                   help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin, each optionally with "
+                        "+gin (the preset's GIN recipe), +ipa (GIN with IPA) or +gin1 (the paper's plain GIN), "
+                        "and those with -pNN (NN%% of training slices through GIN), e.g. fedgin+ipa-p50")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="quick", choices=["quick", "paper"])

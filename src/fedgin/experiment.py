@@ -9,9 +9,11 @@ not limit (the CT site in ``limited-1toK``) is trained once and copied into the 
 A method name is a base (``local-ct``, ``local-mri``, ``centralized``, ``fedavg``, ``fedgin``) with
 an optional suffix: ``+gin`` (fedgin's GIN recipe, the preset's: views, consistency, IPA as the
 preset sets them), ``+ipa`` (the recipe with IPA's pseudo-correlation blending forced on) or
-``+gin1`` (the FedGIN paper's GIN: one GIN view per slice, no IPA, no consistency term); ``fedgin``
-is ``fedavg+gin`` (``fedgin+ipa``, ``fedgin+gin1``: fedgin with that recipe). Every method gets the same optimiser, schedule, standard intensity
-augmentation and number of steps; a step always takes the preset's batch of images.
+``+gin1`` (the FedGIN paper's GIN: one GIN view per slice, no IPA, no consistency term), each
+optionally with ``-pNN`` (NN% of the training slices go through GIN, ``+ipa-p50``); ``fedgin`` is
+``fedavg+gin`` (``fedgin+ipa``, ``fedgin+gin1``: fedgin with that recipe). Every method gets the
+same optimiser, schedule, standard intensity augmentation and number of steps; a step always takes
+the preset's batch of images.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Method:
     kind: str  # local | centralized | federated
     site_modality: str | None  # for local: CT or MRI
     recipe: str  # a key of RECIPES
+    gin_p: float | None = None  # a ``-pNN`` tail: the share of slices that go through GIN
 
     @property
     def gin(self) -> bool:
@@ -60,21 +63,35 @@ class Method:
 
     @property
     def train_overrides(self) -> dict:
-        return dict(RECIPES[self.recipe])
+        overrides = dict(RECIPES[self.recipe])
+        if self.gin_p is not None:
+            overrides["gin_p"] = self.gin_p
+        return overrides
 
 
 def parse_method(text: str) -> Method:
+    """``base[+recipe[-pNN]]``: ``-pNN`` puts NN% of the training slices through GIN (``+ipa-p50``)."""
     name = text.strip()
     base, _, suffix = name.partition("+")
-    if base not in BASE_METHODS or suffix not in RECIPES or (base == "fedgin" and suffix == "gin"):
+    suffix, gin_p = _split_probability(suffix)
+    if base not in BASE_METHODS or suffix not in RECIPES or (base == "fedgin" and suffix == "gin") \
+            or (gin_p is not None and not RECIPES[suffix]["gin"]):
         raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
-                          "(optionally +gin, +ipa or +gin1; fedgin is fedavg+gin)")
+                          "(optionally +gin, +ipa or +gin1, each optionally with -pNN, NN% of slices "
+                          "through GIN; fedgin is fedavg+gin)")
     recipe = suffix or ("gin" if base == "fedgin" else "")
     if base in ("fedgin", "fedavg"):
-        return Method(name, "federated", None, recipe)
+        return Method(name, "federated", None, recipe, gin_p)
     if base == "centralized":
-        return Method(name, "centralized", None, recipe)
-    return Method(name, "local", "CT" if base == "local-ct" else "MRI", recipe)
+        return Method(name, "centralized", None, recipe, gin_p)
+    return Method(name, "local", "CT" if base == "local-ct" else "MRI", recipe, gin_p)
+
+
+def _split_probability(suffix: str) -> tuple[str, float | None]:
+    match = re.fullmatch(r"(.+)-p(\d{1,3})", suffix)
+    if not match or not 1 <= int(match.group(2)) <= 100:
+        return suffix, None
+    return match.group(1), int(match.group(2)) / 100
 
 
 def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[str, str], seed: int,
