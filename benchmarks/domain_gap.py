@@ -6,9 +6,11 @@ Setting: ``fedgin.config.resolve('quick', ...)`` (U-Net 16-32-64-128, 2.5 mm, 12
 local mode on one CT site, no validation, batch 8 at lr 1e-3, seed 0, 2 torch threads, on the CPU.
 Every (variant, budget) is one run, everything else equal:
 
-- variants (``--variants``): ``no-gin`` (``gin=False``), ``gin`` (``gin=True, gin_p=1.0``: the
-  paper's setting), ``gin-p0.5`` (``gin_p=0.5``: half of the slices augmented), ``gin+ipa``
-  (``gin=True, ipa=True``);
+- variants (``--variants``, ``VARIANTS`` below says what each sets): ``no-gin``, ``gin`` (the
+  paper's setting, p = 1), ``gin-p0.5``, ``gin+ipa``, multi-view GIN with the consistency term
+  (``*-2v-c2``, ``*-clean-c2``, ``ipa-3v-c2``), the old [0, 1] intensities (``*-unit``), a
+  constant rate (``gin-constlr``), no standard intensity augmentation (``gin-noaug``) and a deeper
+  U-Net (``*-res2``: compare it with the preset's model at 1.25x the budget, equal wall time);
 - budgets (``--budgets``): total optimisation steps, each ``budget / --steps`` epochs of ``--steps``
   steps (``--epochs`` instead gives one budget of ``--epochs`` x ``--steps``).
 
@@ -20,10 +22,11 @@ Data (``--data``):
   Defaults: variants ``no-gin,gin``, 12 epochs x 50 steps = 600 steps.
 - ``real``: the shared bundle ``../shared/data/abdomen-ct-mr`` next to the repository
   (``Dataset801_AbdomenCT``, ``Dataset802_AbdomenMR``) with fedgin's shipped split
-  (``fedgin/splits/abdomen-ct-mr.json``): train on the CT training split, test on the test split of
-  both datasets (2 CT, 4 MRI cases), ``evaluate(..., cases="test")``. Defaults: all four variants,
-  budgets 500 and 2000 steps of 100 steps per epoch. A missing bundle exits with status 2 and
-  writes nothing.
+  (``fedgin/splits/abdomen-ct-mr.json``): train on the CT training split, score
+  the selection cases by default (``--score-on selection``: the CT validation case and the MRI cases
+  outside the test split), the test split (2 CT, 4 MRI cases) with ``--score-on test``. Defaults:
+  ``DEFAULTS['real']`` (6 variants, 1000 steps of 50 per epoch). A missing bundle exits with status
+  2 and writes nothing.
 
 Scores: per-case 3D Dice (and HD95) on each case's own grid, organs not annotated in a case ignored.
 
@@ -37,8 +40,8 @@ continues an interrupted benchmark and a new budget or variant trains only what 
 
 Usage:
 ``python benchmarks/domain_gap.py [--epochs 12] [--steps 50] [--train-cases 8] [--test-cases 8]``
-(phantom), ``python benchmarks/domain_gap.py --data real [--budgets 500,2000] [--steps 100]
-[--variants no-gin,gin,gin-p0.5,gin+ipa] [--work DIR]`` (real);
+(phantom), ``python benchmarks/domain_gap.py --data real [--budgets 1000] [--steps 50]
+[--variants no-gin,gin,gin+ipa] [--work DIR]`` (real);
 ``--redraw`` rewrites the .md from the ``--out`` JSON without training.
 """
 
@@ -100,9 +103,15 @@ VARIANTS = {
     "gin-constlr": ({**_GIN, **_ONE_VIEW, "lr_schedule": "constant"}, "GIN, constant learning rate (no poly schedule)"),
     "gin-noaug": ({**_GIN, **_ONE_VIEW, "intensity_augment": False},
                   "GIN without the standard intensity augmentation"),
+    "no-gin-res2": ({"gin": False, "gin_p": 1.0, "ipa": False, **_ONE_VIEW},
+                    "GIN off, U-Net with 2 residual units per level (1.27x the time per step)"),
+    "ipa-res2": ({**_IPA, **_ONE_VIEW}, "GIN + IPA, U-Net with 2 residual units per level"),
 }
 # variants trained on another preprocessing than the preset's
 PREPROCESS = {"gin-unit": {"intensity": "unit"}, "no-gin-unit": {"intensity": "unit"}}
+# variants trained with another model than the preset's (compare at equal wall time: give the
+# preset's model 1.25x the budget)
+MODEL = {"no-gin-res2": {"num_res_units": 2}, "ipa-res2": {"num_res_units": 2}}
 DEFAULTS = {
     "phantom": {"variants": ("no-gin", "gin"), "steps": 50, "epochs": 12, "budgets": None,
                 "train_cases": 8, "test_cases": 8, "out": RESULTS / "domain_gap.json"},
@@ -137,12 +146,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", choices=tuple(DEFAULTS), default="phantom")
     parser.add_argument("--variants", type=comma_list,
                         help=f"comma list of {', '.join(VARIANTS)} (default: phantom "
-                             f"{','.join(DEFAULTS['phantom']['variants'])}; real all four)")
+                             f"{','.join(DEFAULTS['phantom']['variants'])}; real "
+                             f"{','.join(DEFAULTS['real']['variants'])})")
     parser.add_argument("--budgets", type=comma_list,
                         help="comma list of total optimisation steps, each a multiple of --steps "
-                             "(default: phantom --epochs x --steps; real 500,2000)")
+                             f"(default: phantom --epochs x --steps; real {','.join(map(str, DEFAULTS['real']['budgets']))})")
     parser.add_argument("--epochs", type=int, help="one budget of --epochs x --steps (phantom default 12)")
-    parser.add_argument("--steps", type=int, help="optimisation steps per epoch (default: phantom 50, real 100)")
+    parser.add_argument("--steps", type=int, help=f"optimisation steps per epoch (default: phantom {DEFAULTS['phantom']['steps']}, "
+                                                     f"real {DEFAULTS['real']['steps']})")
     parser.add_argument("--train-cases", type=int, help="phantom CT training cases (default 8)")
     parser.add_argument("--test-cases", type=int, help="phantom test cases per modality (default 8)")
     parser.add_argument("--bundle", type=Path, default=BUNDLE, help="the real data bundle (default: %(default)s)")
@@ -277,7 +288,8 @@ def run_config(args, data: Data | None, run_dir: Path, variant: str, budget: int
         mode="local", seed=SEED, split=data.split if data else None, cache_dir=str(cache), device="cpu",
         train_overrides=train_overrides(args, variant, budget),
     )
-    return replace(cfg, preprocess=replace(cfg.preprocess, **PREPROCESS.get(variant, {})))
+    return replace(cfg, preprocess=replace(cfg.preprocess, **PREPROCESS.get(variant, {})),
+                   model=replace(cfg.model, **MODEL.get(variant, {})))
 
 
 def run_key(setting: dict, variant: str, budget: int, train_config: dict) -> dict:
@@ -323,7 +335,8 @@ def run_all(args, setting: dict, work: Path) -> dict:
         for variant in args.variants:
             run_dir = work / "runs" / f"{variant}_{budget}steps"
             cfg = run_config(args, None, run_dir, variant, budget, cache)
-            key = run_key(setting, variant, budget, {**asdict(cfg.train), "preprocess": cfg.preprocess.to_dict()})
+            key = run_key(setting, variant, budget, {**asdict(cfg.train), "preprocess": cfg.preprocess.to_dict(),
+                                                         **({"model": asdict(cfg.model)} if variant in MODEL else {})})
             record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else None
             if record is not None and record["key"] != key:
                 fail(f"{run_dir} holds a run with other settings; use another --work or remove that folder")

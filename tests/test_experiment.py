@@ -130,6 +130,18 @@ def test_a_rerun_reuses_every_finished_run(grid, sites, tmp_path, capsys):
     assert "training ..." not in printed
 
 
+def test_a_finished_run_with_another_recipe_is_not_reused(grid, sites, tmp_path, capsys):
+    out, _ = grid
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    path = copy / "runs/complete/local-ct+ipa/seed0/ct/config.json"
+    config = json.loads(path.read_text())
+    config["train"]["gin_p"] = 0.5  # as if an older fedgin had trained it with another recipe
+    path.write_text(json.dumps(config))
+    assert main(grid_args(sites, copy, tmp_path / "cache")) == 2
+    err = capsys.readouterr().err
+    assert "local-ct+ipa/seed0/ct/config.json" in err and "train.gin_p" in err and "another --out" in err
+
+
 def test_report_puts_the_hand_written_reading_after_the_claims(grid, tmp_path):
     out, _ = grid
     copy = Path(shutil.copytree(out, tmp_path / "copy"))

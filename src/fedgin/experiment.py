@@ -150,7 +150,12 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
             for method in parsed:
                 run = _run_dir(out, scenario, method.name, seed)
                 eval_dir = run / "eval"
+                base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
+                               train_overrides={**method.train_overrides, "steps_per_epoch": steps_per_epoch},
+                               seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
+                               local_epochs=local_epochs)
                 if (eval_dir / "summary.json").exists():
+                    _check_same_recipe(run, base)
                     log(f"[{scenario} {method.name} seed {seed}] done before, reused")
                     continue
                 twin = _same_training(out, scenario, method, seed, limits, modalities, sites)
@@ -160,10 +165,6 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
                     continue
                 start = time.perf_counter()
                 log(f"[{scenario} {method.name} seed {seed}] training ...")
-                base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
-                               train_overrides={**method.train_overrides, "steps_per_epoch": steps_per_epoch},
-                               seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
-                               local_epochs=local_epochs)
                 model_dir = _train_method(base, method, limits, modalities, train_non_federated, federate, log)
                 evaluate(str(model_dir), datasets, str(eval_dir), seed=seed, split_file=split_file,
                          cache_dir=cache_dir)
@@ -175,6 +176,32 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
         draw_overlays(out, scenarios, names, cache_dir=cache_dir, log=log)
     return write_results(out, scenarios, names, seeds, overlays=overlays)
+
+
+# what a finished run must share with what this call would train to be reused (the budget fields
+# are set per method kind, so they are left out)
+_RECIPE_FIELDS = ("lr", "weight_decay", "batch_size", "gin", "gin_p", "ipa", "gin_views", "clean_view",
+                  "consistency", "lr_schedule", "poly_exponent", "intensity_augment", "spatial_augment")
+
+
+def _check_same_recipe(run: Path, base: RunConfig) -> None:
+    """Refuse to reuse a finished run trained with another recipe, model or preprocessing (a run
+    folder from an older fedgin, or from another preset): its name would claim what it is not."""
+    expected = json.loads(json.dumps(base.to_dict()))
+    # a local run also keeps one in its site's folder
+    for path in [run / "config.json", *sorted(run.glob("*/config.json"))]:
+        if path.exists():
+            _compare_recipe(path, json.loads(path.read_text()), expected)
+
+
+def _compare_recipe(run: Path, stored: dict, expected: dict) -> None:
+    differ = [f"train.{k}" for k in _RECIPE_FIELDS if stored.get("train", {}).get(k) != expected["train"][k]]
+    differ += [part for part in ("model", "preprocess") if stored.get(part) != expected[part]]
+    if stored.get("rounds") != expected["rounds"] or stored.get("local_epochs") != expected["local_epochs"]:
+        differ.append("rounds/local_epochs")
+    if differ:
+        raise FedginError(f"{run}: a finished run with other settings than this experiment's ({', '.join(differ)}); "
+                          "use another --out, or delete that run to retrain it")
 
 
 def _same_training(out: Path, scenario: str, method: Method, seed: int, limits, modalities,
