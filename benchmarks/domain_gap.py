@@ -88,6 +88,7 @@ VARIANTS = {
     "gin": ({**_GIN, **_ONE_VIEW}, "GIN on every training slice (p = 1, the paper's setting)"),
     "gin-p0.5": ({**_GIN, "gin_p": 0.5, **_ONE_VIEW}, "GIN on half of the training slices (p = 0.5)"),
     "gin+ipa": ({**_IPA, **_ONE_VIEW}, "GIN + IPA (p = 1)"),
+    "ipa-p0.5": ({**_IPA, "gin_p": 0.5, **_ONE_VIEW}, "GIN + IPA on half of the training slices (p = 0.5)"),
     "gin-2v-c2": ({**_GIN, "gin_views": 2, "clean_view": False, "consistency": 2.0},
                   "2 GIN views of 4 slices per step, consistency 2 (per-voxel KL)"),
     "gin-clean-c2": ({**_GIN, "gin_views": 1, "clean_view": True, "consistency": 2.0},

@@ -35,8 +35,8 @@ SCENARIOS = ("complete", "limited-1to2")
     ("fedavg", "federated", None, {"gin": False}),
     ("fedgin", "federated", None, {"gin": True}),
     ("fedgin+ipa", "federated", None, {"gin": True, "ipa": True}),
-    ("fedavg+gin1", "federated", None, {"gin": True, "ipa": False, "gin_views": 1, "clean_view": False,
-                                        "consistency": 0.0}),
+    ("fedavg+gin1", "federated", None, {"gin": True, "gin_p": 1.0, "ipa": False, "gin_views": 1,
+                                        "clean_view": False, "consistency": 0.0}),
     ("fedgin+ipa-p50", "federated", None, {"gin": True, "ipa": True, "gin_p": 0.5}),
     ("local-ct+gin-p5", "local", "CT", {"gin": True, "gin_p": 0.05}),
 ])
@@ -135,8 +135,11 @@ def test_a_finished_run_with_another_recipe_is_not_reused(grid, sites, tmp_path,
     copy = Path(shutil.copytree(out, tmp_path / "copy"))
     path = copy / "runs/complete/local-ct+ipa/seed0/ct/config.json"
     config = json.loads(path.read_text())
-    config["train"]["gin_p"] = 0.5  # as if an older fedgin had trained it with another recipe
+    config["train"]["gin_p"] = 0.3  # as if an older fedgin had trained it with another recipe
     path.write_text(json.dumps(config))
+    # GIN's settings do not matter to a run without GIN (local-ct comes first and is still reused)
+    plain = copy / "runs/complete/local-ct/seed0/ct/config.json"
+    plain.write_text(json.dumps({**json.loads(plain.read_text()), "train": config["train"] | {"gin": False}}))
     assert main(grid_args(sites, copy, tmp_path / "cache")) == 2
     err = capsys.readouterr().err
     assert "local-ct+ipa/seed0/ct/config.json" in err and "train.gin_p" in err and "another --out" in err

@@ -173,10 +173,10 @@ def test_run_config_keys_of_flwr_run(tmp_path):
         (4, 2, "fedprox", False, 3, None)
     assert RunConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())) == cfg
     recipe = config_from_run_config({"sites": "ct=-", "out": str(tmp_path / "run2"), "gin-views": 3,
-                                     "clean-view": True, "consistency": 1.5, "ipa": False, "gin-p": 0.5,
+                                     "clean-view": True, "consistency": 1.5, "ipa": False, "gin-p": 0.25,
                                      "lr-schedule": "constant"}).train
     assert (recipe.gin_views, recipe.clean_view, recipe.consistency, recipe.ipa, recipe.gin_p, recipe.lr_schedule) == \
-        (3, True, 1.5, False, 0.5, "constant")
+        (3, True, 1.5, False, 0.25, "constant")
     with pytest.raises(FedginError, match="absolute"):
         config_from_run_config({"sites": "ct=-", "out": "relative/run"})
     with pytest.raises(FedginError, match="sites and out"):

@@ -45,7 +45,7 @@ RECIPES: dict[str, dict] = {
     "": {"gin": False},
     "gin": {"gin": True},
     "ipa": {"gin": True, "ipa": True},
-    "gin1": {"gin": True, "ipa": False, "gin_views": 1, "clean_view": False, "consistency": 0.0},
+    "gin1": {"gin": True, "gin_p": 1.0, "ipa": False, "gin_views": 1, "clean_view": False, "consistency": 0.0},
 }
 
 
@@ -180,8 +180,9 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
 # what a finished run must share with what this call would train to be reused (the budget fields
 # are set per method kind, so they are left out)
-_RECIPE_FIELDS = ("lr", "weight_decay", "batch_size", "gin", "gin_p", "ipa", "gin_views", "clean_view",
-                  "consistency", "lr_schedule", "poly_exponent", "intensity_augment", "spatial_augment")
+_RECIPE_FIELDS = ("lr", "weight_decay", "batch_size", "gin", "lr_schedule", "poly_exponent", "intensity_augment",
+                  "spatial_augment")
+_GIN_FIELDS = ("gin_p", "ipa", "gin_views", "clean_view", "consistency")  # matter only with GIN on
 
 
 def _check_same_recipe(run: Path, base: RunConfig) -> None:
@@ -195,7 +196,8 @@ def _check_same_recipe(run: Path, base: RunConfig) -> None:
 
 
 def _compare_recipe(run: Path, stored: dict, expected: dict) -> None:
-    differ = [f"train.{k}" for k in _RECIPE_FIELDS if stored.get("train", {}).get(k) != expected["train"][k]]
+    fields = _RECIPE_FIELDS + (_GIN_FIELDS if expected["train"]["gin"] else ())
+    differ = [f"train.{k}" for k in fields if stored.get("train", {}).get(k) != expected["train"][k]]
     differ += [part for part in ("model", "preprocess") if stored.get(part) != expected[part]]
     if stored.get("rounds") != expected["rounds"] or stored.get("local_epochs") != expected["local_epochs"]:
         differ.append("rounds/local_epochs")
