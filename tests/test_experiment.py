@@ -39,6 +39,10 @@ SCENARIOS = ("complete", "limited-1to2")
                                         "clean_view": False, "consistency": 0.0}),
     ("fedgin+ipa-p50", "federated", None, {"gin": True, "ipa": True, "gin_p": 0.5}),
     ("local-ct+gin-p5", "local", "CT", {"gin": True, "gin_p": 0.05}),
+    ("fedavg+ouyang", "federated", None, {"gin": True, "gin_p": 1.0, "ipa": True, "gin_views": 3,
+                                          "clean_view": False, "consistency": 2.0}),
+    ("centralized+clean-p50", "centralized", None, {"gin": True, "gin_p": 0.5, "ipa": True, "gin_views": 1,
+                                                    "clean_view": True, "consistency": 2.0}),
 ])
 def test_method_names(name, kind, modality, overrides):
     method = parse_method(name)

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: complete, limited-1to1, limited-1to2, limited-1to5")
     p.add_argument("--methods", default="local-ct,local-ct+gin,local-mri,centralized,fedavg,fedgin",
                    help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin, each optionally with "
-                        "+gin (the preset's GIN recipe), +ipa (GIN with IPA) or +gin1 (the paper's plain GIN), "
+                        "+gin (the preset's GIN recipe), +ipa (GIN with IPA), +gin1 (the paper's plain GIN), "
+                        "+ouyang (3 GIN+IPA views, consistency term) or +clean (a GIN+IPA and a clean view), "
                         "and those with -pNN (NN%% of training slices through GIN), e.g. fedgin+ipa-p50")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", required=True)

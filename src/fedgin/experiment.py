@@ -9,8 +9,9 @@ not limit (the CT site in ``limited-1toK``) is trained once and copied into the 
 A method name is a base (``local-ct``, ``local-mri``, ``centralized``, ``fedavg``, ``fedgin``) with
 an optional suffix: ``+gin`` (fedgin's GIN recipe, the preset's: views, consistency, IPA as the
 preset sets them), ``+ipa`` (the recipe with IPA's pseudo-correlation blending forced on) or
-``+gin1`` (the FedGIN paper's GIN: one GIN view per slice, no IPA, no consistency term), each
-optionally with ``-pNN`` (NN% of the training slices go through GIN, ``+ipa-p50``); ``fedgin`` is
+``+gin1`` (the FedGIN paper's GIN: one GIN view per slice, no IPA, no consistency term),
+``+ouyang`` (Ouyang et al.'s three GIN + IPA views with the consistency term) or ``+clean`` (one
+GIN + IPA view and the clean slice with the consistency term), each optionally with ``-pNN`` (NN% of the training slices go through GIN, ``+ipa-p50``); ``fedgin`` is
 ``fedavg+gin`` (``fedgin+ipa``, ``fedgin+gin1``: fedgin with that recipe). Every method gets the
 same optimiser, schedule, standard intensity augmentation and number of steps; a step always takes
 the preset's batch of images.
@@ -46,6 +47,10 @@ RECIPES: dict[str, dict] = {
     "gin": {"gin": True},
     "ipa": {"gin": True, "ipa": True},
     "gin1": {"gin": True, "gin_p": 1.0, "ipa": False, "gin_views": 1, "clean_view": False, "consistency": 0.0},
+    # Ouyang et al.'s training: three GIN + IPA views of each slice and their KL consistency term
+    "ouyang": {"gin": True, "gin_p": 1.0, "ipa": True, "gin_views": 3, "clean_view": False, "consistency": 2.0},
+    # AugMix-style: one GIN + IPA view and the clean slice, both supervised, and their consistency
+    "clean": {"gin": True, "gin_p": 1.0, "ipa": True, "gin_views": 1, "clean_view": True, "consistency": 2.0},
 }
 
 
@@ -77,8 +82,8 @@ def parse_method(text: str) -> Method:
     if base not in BASE_METHODS or suffix not in RECIPES or (base == "fedgin" and suffix == "gin") \
             or (gin_p is not None and not RECIPES[suffix]["gin"]):
         raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
-                          "(optionally +gin, +ipa or +gin1, each optionally with -pNN, NN% of slices "
-                          "through GIN; fedgin is fedavg+gin)")
+                          "(optionally +gin, +ipa, +gin1, +ouyang or +clean, each optionally with -pNN, "
+                          "NN% of slices through GIN; fedgin is fedavg+gin)")
     recipe = suffix or ("gin" if base == "fedgin" else "")
     if base in ("fedgin", "fedavg"):
         return Method(name, "federated", None, recipe, gin_p)
