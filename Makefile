@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedgin demo --out demo-out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
