@@ -207,3 +207,25 @@ def test_default_cache_dir_falls_back_to_xdg_then_home(monkeypatch, tmp_path):
 def test_tests_never_use_the_home_cache():
     assert os.environ["FEDGIN_CACHE_DIR"] != str(Path.home() / ".cache" / "fedgin")
     assert default_cache_dir() == Path(os.environ["FEDGIN_CACHE_DIR"])
+
+
+def test_cache_info_and_clear_count_and_remove_only_the_entries(make_nnunet, tmp_path, capsys, preprocess_calls):
+    from fedgin.cli import main
+
+    root = make_nnunet()
+    cache_dir = tmp_path / "cache"
+    for case in open_dataset(root, ABDOMEN5).cases[:2]:
+        load_case(case, ABDOMEN5, CFG, cache_dir)
+    (cache_dir / "preprocessed" / ".tmp-left-behind.npz").write_bytes(b"x" * 10)
+    (cache_dir / "notes.txt").write_text("not the cache's")
+    size = sum(p.stat().st_size for p in (cache_dir / "preprocessed").iterdir())
+
+    assert main(["cache", "info", "--cache-dir", str(cache_dir)]) == 0
+    assert capsys.readouterr().out == f"{cache_dir}: 2 entries, {size / 2**20:.1f} MiB\n"
+    assert main(["cache", "clear", "--cache-dir", str(cache_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"removed 2 entries ({size / 2**20:.1f} MiB) from {cache_dir}")
+    assert not list((cache_dir / "preprocessed").iterdir()) and (cache_dir / "notes.txt").exists()
+    assert main(["cache", "info", "--cache-dir", str(cache_dir)]) == 0
+    assert capsys.readouterr().out == f"{cache_dir}: 0 entries, 0.0 MiB\n"
+    load_case(open_dataset(root, ABDOMEN5).cases[0], ABDOMEN5, CFG, cache_dir)  # recomputed after a clear
+    assert len(preprocess_calls) == 3

@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="+")
     p.add_argument("--scheme", default="abdomen5", choices=["abdomen5", "abdomen6"])
 
+    cache = sub.add_parser("cache", help="the preprocessing cache").add_subparsers(dest="cache_command", required=True)
+    for name, text in (("info", "where the cache is, its entries and size"),
+                       ("clear", "delete every preprocessed entry (recomputed when next needed)")):
+        p = cache.add_parser(name, help=text)
+        p.add_argument("--cache-dir", help="default: $FEDGIN_CACHE_DIR, else ~/.cache/fedgin")
+
     p = sub.add_parser("train", help="non-federated baselines: local (one model per site) or centralized")
     _add_common_training(p)
     p.add_argument("--mode", required=True, choices=["local", "centralized"])
@@ -232,6 +238,18 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .data.cache import cache_info, clear_cache
+
+    if args.cache_command == "clear":
+        gone = clear_cache(args.cache_dir)
+        print(f"removed {gone['entries']} entries ({gone['bytes'] / 2**20:.1f} MiB) from {gone['path']}")
+    else:
+        info = cache_info(args.cache_dir)
+        print(f"{info['path']}: {info['entries']} entries, {info['bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
 def cmd_phantoms(args) -> int:
     from .data.phantoms import write_phantom_datasets
 
@@ -337,6 +355,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "experiment": cmd_experiment,
     "report": cmd_report,
+    "cache": cmd_cache,
 }
 
 

@@ -98,3 +98,27 @@ def load_case(
         tmp.unlink(missing_ok=True)
         raise
     return result
+
+
+def _entries(root: Path) -> list[Path]:
+    """The cache's files: entries and temporaries an interrupted write left behind."""
+    folder = root / "preprocessed"
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def cache_info(cache_dir: Path | None = None) -> dict:
+    """Where the cache is, how many entries it holds and how many bytes they take."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    files = _entries(root)
+    return {"path": str(root), "entries": sum(1 for p in files if not p.name.startswith(".tmp-")),
+            "bytes": sum(p.stat().st_size for p in files)}
+
+
+def clear_cache(cache_dir: Path | None = None) -> dict:
+    """Delete every preprocessed entry (and leftover temporaries); nothing else in ``cache_dir``.
+    Returns what was removed, as :func:`cache_info` counts it."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    removed = cache_info(root)
+    for path in _entries(root):
+        path.unlink(missing_ok=True)
+    return removed
