@@ -141,6 +141,15 @@ def test_a_changed_setting_is_a_new_entry(make_nnunet, tmp_path, preprocess_call
     assert _same(result, load_case(case, ABDOMEN5, changed, use_cache=False))
 
 
+def test_a_change_to_the_preprocessing_code_is_a_new_entry(make_nnunet, tmp_path, preprocess_calls, monkeypatch):
+    case = open_dataset(make_nnunet(), ABDOMEN5).cases[0]
+    load_case(case, ABDOMEN5, CFG, tmp_path)
+    assert len(cache_module.code_version()) == 16
+    monkeypatch.setattr(cache_module, "code_version", lambda: "another-version")
+    load_case(case, ABDOMEN5, CFG, tmp_path)
+    assert len(preprocess_calls) == 2 and len(_entries(tmp_path)) == 2
+
+
 def test_the_scheme_is_part_of_the_key(make_nnunet, tmp_path, preprocess_calls):
     root = make_nnunet()
     abdomen6 = get_scheme("abdomen6")

@@ -132,7 +132,7 @@ PRESETS: dict[str, dict] = {
         # 2e-3 / 5e-4 measured on phantoms: 1e-3 reaches the small organs within a few hundred
         # CPU steps where the paper's 5e-4 has not yet left background (docs/results/model_size.md)
         # GIN + IPA on half of the slices: the one GIN recipe that did not cost FedAvg's Dice in the
-        # federated probe at this budget (README, GIN; docs/results/abdomen-ct-mr/)
+        # federated probe at this budget (docs/results.md, 'Which GIN recipe?')
         "train": TrainConfig(epochs=20, steps_per_epoch=50, lr=1e-3, ipa=True, gin_p=0.5),
         "rounds": 10,
         "local_epochs": 2,

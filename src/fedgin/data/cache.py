@@ -1,7 +1,8 @@
 """On-disk cache of preprocessed cases, keyed by input content and settings.
 
-The key hashes the bytes of every input file of a case, the label mapping, the label scheme and the
-:class:`PreprocessConfig`, so a changed file or setting never serves a stale entry. Entries are
+The key hashes the bytes of every input file of a case, the label mapping, the label scheme, the
+:class:`PreprocessConfig` and the source of the code that reads and preprocesses a case, so a
+changed file, setting or preprocessing code never serves a stale entry. Entries are
 written atomically (temporary name, then rename); a damaged entry is recomputed.
 """
 
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +47,25 @@ def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate
     return _memo[key]
 
 
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """SHA-256 over the source of the modules whose code decides an entry's content (reading,
+    label mapping, preprocessing): editing any of them gives every case a new key."""
+    from .. import labels
+    from . import datasets, nifti
+    from . import preprocess as preprocess_module
+
+    digest = hashlib.sha256()
+    for module in (datasets, nifti, preprocess_module, labels):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(case: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig) -> str:
     files = [case.image] + ([case.label] if case.label else []) + [m for m, _ in case.masks]
     payload = {
         "format": CACHE_FORMAT,
+        "code": code_version(),
         "files": [file_digest(Path(f)) for f in files],
         "mask_ids": [i for _, i in case.masks],
         "lut": list(case.lut) if case.lut else None,
