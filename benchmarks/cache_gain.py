@@ -25,7 +25,7 @@ import torch
 from fedgin.data.cache import file_digest, load_case
 from fedgin.data.datasets import open_dataset
 from fedgin.data.preprocess import PreprocessConfig
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, provenance, write_result  # noqa: E402

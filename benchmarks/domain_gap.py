@@ -64,7 +64,7 @@ from fedgin.data.datasets import open_dataset
 from fedgin.data.phantoms import CT_DATASET, write_phantom_datasets
 from fedgin.data.splits import builtin_split_files, split_for
 from fedgin.evaluate import evaluate
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.runs import train_non_federated
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

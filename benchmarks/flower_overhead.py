@@ -122,7 +122,7 @@ def seconds_per_step(site_path: Path, cache: Path) -> float:
     import torch
 
     from fedgin.config import SiteSpec, resolve
-    from fedgin.labels import get_scheme
+    from fedgin.data.labels import get_scheme
     from fedgin.model import build_model
     from fedgin.runs import load_sites
     from fedgin.trainer import Trainer, seed_everything

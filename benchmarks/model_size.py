@@ -23,7 +23,7 @@ import torch
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.inference import predict_preprocessed_labels
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.metrics import dice_score
 from fedgin.model import build_model
 from fedgin.runs import load_sites

@@ -79,7 +79,7 @@ def make_model(path: Path) -> Path:
 
     from fedgin.checkpoint import save_checkpoint
     from fedgin.config import resolve
-    from fedgin.labels import get_scheme
+    from fedgin.data.labels import get_scheme
     from fedgin.model import build_model
 
     cfg = resolve("quick", command="bench", out=str(path.parent), sites=())

@@ -44,7 +44,7 @@ import torch
 from fedgin.config import TrainConfig, resolve
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.data.sites import load_site
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.losses import PartialLabelDiceCELoss
 from fedgin.model import ModelConfig, build_model
 from fedgin.trainer import Trainer, seed_everything

@@ -64,7 +64,7 @@ import re, sys
 from pathlib import Path
 from fedgin.data.datasets import open_dataset
 from fedgin.errors import FedginError
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 path, modality = sys.argv[1], None
 match = re.search(r":(CT|MRI|MR)$", path, flags=re.IGNORECASE)
 if match:

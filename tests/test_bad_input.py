@@ -25,7 +25,7 @@ from fedgin.cli import main
 from fedgin.data.nifti import write_volume
 from fedgin.data.preprocess import PreprocessConfig
 from fedgin.errors import DataError, ModelError
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.model import ModelConfig, build_model
 
 TINY = ["--steps-per-epoch", "2", "--batch-size", "2"]

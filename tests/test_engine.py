@@ -26,7 +26,7 @@ from fedgin.cli import main
 from fedgin.data.nifti import axcodes_of, write_volume
 from fedgin.data.phantoms import CT_DATASET, MRI_DATASET
 from fedgin.data.preprocess import PreprocessConfig
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.model import ModelConfig, build_model
 
 # one torch thread: on a shared 2-core machine two spinning OpenMP threads stall each other

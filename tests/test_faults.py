@@ -45,7 +45,7 @@ from fedgin.data.splits import split_for
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.model import build_model
 from loopback import Loopback, alive, crash, metrics_lines, stop, tiny_config, wait
 

@@ -31,7 +31,7 @@ from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.server_app import config_from_run_config
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.model import build_model
 from fedgin.runs import load_sites
 from loopback import BIN, REPO, TINY, Loopback, tiny_config

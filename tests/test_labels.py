@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedgin.errors import FedginError
-from fedgin.labels import (
+from fedgin.data.labels import (
     AMOS_FIRST_MRI_ID,
     AMOS_LABELS,
     FINE_ORGANS,

@@ -21,7 +21,7 @@ from fedgin.data.phantoms import (
     write_phantom_datasets,
 )
 from fedgin.errors import DataError, FedginError
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 
 ORGANS = ("liver", "kidney_right", "kidney_left", "spleen", "pancreas", "gallbladder")
 

@@ -30,7 +30,7 @@ from fedgin.data.sites import CaseData
 from fedgin.errors import ModelError
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.task import evaluate_round, site_data, state_to_numpy
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.model import ModelConfig, build_model
 from fedgin.postprocess import (PostprocessPlan, candidate_plan, decide_plan, keep_largest_components,
                                 validation_scores)

@@ -25,7 +25,7 @@ from fedgin.data.nifti import write_volume
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.federated.client_app import app
 from fedgin.federated.task import run_config_to_json, state_to_numpy
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.model import build_model
 
 ORGANS = get_scheme("abdomen5").organs

@@ -18,7 +18,7 @@ from fedgin.config import TrainConfig
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.federated import client_app
 from fedgin.federated.task import run_config_to_json, state_to_numpy, train_round
-from fedgin.labels import get_scheme
+from fedgin.data.labels import get_scheme
 from fedgin.losses import view_consistency
 from fedgin.model import build_model
 from fedgin.runs import load_sites, train_non_federated

@@ -15,7 +15,7 @@ import torch
 from .atomic import publish, temp_path
 from .data.preprocess import PreprocessConfig
 from .errors import FedginError, ModelError
-from .labels import LabelScheme, get_scheme
+from .data.labels import LabelScheme, get_scheme
 from .model import ModelConfig, build_model
 from .postprocess import PostprocessPlan
 

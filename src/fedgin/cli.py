@@ -221,8 +221,8 @@ def cmd_federate(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from .check import check_datasets, format_table
-    from .labels import get_scheme
+    from .data.check import check_datasets, format_table
+    from .data.labels import get_scheme
 
     scheme = get_scheme(args.scheme)
     rows, errors = check_datasets(args.datasets, scheme)

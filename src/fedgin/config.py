@@ -158,7 +158,7 @@ def resolve(
     **overrides,
 ) -> RunConfig:
     """A :class:`RunConfig` from a preset plus explicit overrides (``None`` values are ignored)."""
-    from .labels import get_scheme
+    from .data.labels import get_scheme
     from .errors import FedginError
 
     if preset not in PRESETS:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .check import check_datasets
+from .data.check import check_datasets
 from .config import SiteSpec, resolve
 from .errors import FedginError
 from .evaluate import evaluate
-from .labels import get_scheme
+from .data.labels import get_scheme
 from .report import write_run_report
 
 DEMO_ROUNDS = 10

@@ -26,7 +26,7 @@ from .data.sites import test_refs
 from .data.splits import split_for
 from .errors import FedginError
 from .inference import predict_labels
-from .labels import LabelScheme
+from .data.labels import LabelScheme
 from .metrics import case_metrics, mean_sd
 from .trainer import resolve_device
 

@@ -34,7 +34,7 @@ from .config import RunConfig, SiteSpec, resolve
 from .data.datasets import open_dataset
 from .data.splits import split_for
 from .errors import FedginError
-from .labels import get_scheme
+from .data.labels import get_scheme
 
 SCENARIOS = ("complete", "limited-1to1", "limited-1to2", "limited-1to5")
 BASE_METHODS = ("local-ct", "local-mri", "centralized", "fedavg", "fedgin")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .labels import get_scheme  # noqa: E402
+from .data.labels import get_scheme  # noqa: E402
 from .overlays import OVERLAY_DIR, overlay_paths  # noqa: E402
 from .report import SCORED_CHECKPOINT, read_metrics  # noqa: E402
 

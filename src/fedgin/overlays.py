@@ -34,7 +34,7 @@ from .errors import FedginError, ModelError  # noqa: E402
 from .evaluate import select_cases  # noqa: E402
 from .experiment import _run_dir  # noqa: E402
 from .inference import predict_preprocessed_labels  # noqa: E402
-from .labels import LabelScheme  # noqa: E402
+from .data.labels import LabelScheme  # noqa: E402
 from .trainer import resolve_device  # noqa: E402
 
 OVERLAY_DIR = "overlays"

@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from .atomic import write_text
 from .inference import predict_preprocessed_labels
-from .labels import LabelScheme
+from .data.labels import LabelScheme
 from .metrics import dice_score, mean_sd
 
 if TYPE_CHECKING:

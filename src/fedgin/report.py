@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .evaluate import summary_markdown  # noqa: E402
-from .labels import get_scheme  # noqa: E402
+from .data.labels import get_scheme  # noqa: E402
 
 
 def read_metrics(run: Path) -> list[dict]:

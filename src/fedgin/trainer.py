@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .data.sites import CaseData
 from .inference import predict_preprocessed_labels
-from .labels import LabelScheme
+from .data.labels import LabelScheme
 from .augment import GIN, IPA, RandomIntensity
 from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd

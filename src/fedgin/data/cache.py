@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import publish, temp_path
-from ..labels import LabelScheme
+from .labels import LabelScheme
 from .datasets import CaseRef
 from .preprocess import Geometry, PreprocessConfig, Preprocessed, preprocess
 
@@ -51,8 +51,7 @@ def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate
 def code_version() -> str:
     """SHA-256 over the source of the modules whose code decides an entry's content (reading,
     label mapping, preprocessing): editing any of them gives every case a new key."""
-    from .. import labels
-    from . import datasets, nifti
+    from . import datasets, labels, nifti
     from . import preprocess as preprocess_module
 
     digest = hashlib.sha256()

@@ -2,7 +2,7 @@
 
 Each adapter turns a folder into a :class:`Dataset` of :class:`CaseRef` s. A case knows its
 modality, its files, how its source labels map to the label scheme (one declared table per source,
-see :mod:`fedgin.labels`) and which scheme organs it annotates (partial labels).
+see :mod:`fedgin.data.labels`) and which scheme organs it annotates (partial labels).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..labels import (
+from .labels import (
     AMOS_FIRST_MRI_ID,
     AMOS_LABELS,
     FINE_ORGANS,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..labels import LabelScheme
+from .labels import LabelScheme
 from .cache import load_case
 from .datasets import CaseRef, Dataset, open_dataset
 from .preprocess import Geometry, PreprocessConfig

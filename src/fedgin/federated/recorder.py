@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import load_raw, save_checkpoint
 from ..config import RunConfig
-from ..labels import get_scheme
+from ..data.labels import get_scheme
 from ..postprocess import PostprocessPlan, decide_plan, decision_record, write_decision
 from ..runs import MetricsLog
 from .task import nan_weighted_mean, numpy_to_state

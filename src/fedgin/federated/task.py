@@ -20,7 +20,7 @@ import torch
 
 from ..config import RunConfig, SiteSpec
 from ..data.sites import SiteData, load_site
-from ..labels import get_scheme
+from ..data.labels import get_scheme
 from ..model import build_model
 from ..postprocess import validation_scores
 from ..trainer import Trainer, resolve_device, seed_everything

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import FedginError
+from ..errors import FedginError
 
 #: Fine organ names every source is first mapped to.
 FINE_ORGANS: tuple[str, ...] = (

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data.datasets import open_dataset
-from .data.nifti import axcodes_of, spacing_of
-from .errors import DataError, FedginError
+from ..errors import DataError, FedginError
+from .datasets import open_dataset
 from .labels import LabelScheme
+from .nifti import axcodes_of, spacing_of
 
 
 @dataclass
