@@ -30,7 +30,7 @@ Data (``--data``):
 
 Scores: per-case 3D Dice (and HD95) on each case's own grid, organs not annotated in a case ignored.
 
-Library calls only: ``fedgin.runs.train_non_federated`` (mode ``local``) then
+Library calls only: ``fedgin.engine.runs.train_non_federated`` (mode ``local``) then
 ``fedgin.evaluate.evaluate``. Writes ``docs/results/domain_gap.json`` + ``.md`` (phantom) or
 ``docs/results/domain_gap_real.json`` + ``.md`` (real), or ``--out`` and the ``.md`` next to it, and
 prints them. With ``--work``, every run keeps its folder there (``runs/<variant>_<budget>steps/``:
@@ -65,7 +65,7 @@ from fedgin.data.phantoms import CT_DATASET, write_phantom_datasets
 from fedgin.data.splits import builtin_split_files, split_for
 from fedgin.evaluate import evaluate
 from fedgin.data.labels import get_scheme
-from fedgin.runs import train_non_federated
+from fedgin.engine.runs import train_non_federated
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, provenance, write_result, write_text  # noqa: E402

@@ -123,9 +123,9 @@ def seconds_per_step(site_path: Path, cache: Path) -> float:
 
     from fedgin.config import SiteSpec, resolve
     from fedgin.data.labels import get_scheme
-    from fedgin.model import build_model
-    from fedgin.runs import load_sites
-    from fedgin.trainer import Trainer, seed_everything
+    from fedgin.engine.model import build_model
+    from fedgin.engine.runs import load_sites
+    from fedgin.engine.trainer import Trainer, seed_everything
 
     cfg = resolve("quick", command="benchmark", out="-", sites=(SiteSpec("ct", str(site_path)),),
                   cache_dir=str(cache), train_overrides={"num_threads": 1, "steps_per_epoch": 4, "validate": False})

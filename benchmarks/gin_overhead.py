@@ -22,7 +22,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from fedgin.augment import GIN
-from fedgin.model import ModelConfig, build_model
+from fedgin.engine.model import ModelConfig, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, provenance, write_result  # noqa: E402

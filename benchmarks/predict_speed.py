@@ -4,7 +4,7 @@ The path timed is ``fedgin.predict.predict``: load the checkpoint, read the NIfT
 (RAS, 2.5 mm in-plane, 128 x 128), slice-wise inference, probabilities back onto the input grid,
 write the uint8 label map, ``labels.json`` and ``provenance.json``. The model is the quick preset's
 U-Net (16-32-64-128, 6 classes) with random weights (timing does not depend on training), saved
-with ``fedgin.checkpoint.save_checkpoint``. 2 torch threads, CPU.
+with ``fedgin.engine.checkpoint.save_checkpoint``. 2 torch threads, CPU.
 
 Volumes: one CHAOS T2 MRI (``chaos_t2_20``) and one BTCV CT (``btcv_sabs_18``) of the shared bundle
 when it is present, and a phantom CT and MRI volume (seed 0) always, so the benchmark runs without
@@ -53,7 +53,7 @@ def child(volume: str, model: str, modality: str) -> None:
     import torch
 
     torch.set_num_threads(THREADS)
-    from fedgin.checkpoint import load_checkpoint
+    from fedgin.engine.checkpoint import load_checkpoint
     from fedgin.predict import predict
 
     # first-call costs (kernel selection, allocator) once, on a tiny input, outside the timing
@@ -77,10 +77,10 @@ def child(volume: str, model: str, modality: str) -> None:
 def make_model(path: Path) -> Path:
     import torch
 
-    from fedgin.checkpoint import save_checkpoint
+    from fedgin.engine.checkpoint import save_checkpoint
     from fedgin.config import resolve
     from fedgin.data.labels import get_scheme
-    from fedgin.model import build_model
+    from fedgin.engine.model import build_model
 
     cfg = resolve("quick", command="bench", out=str(path.parent), sites=())
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Training throughput of ``fedgin.trainer.Trainer.fit`` against a bare PyTorch loop.
+"""Training throughput of ``fedgin.engine.trainer.Trainer.fit`` against a bare PyTorch loop.
 
 Setting: the default model (``build_model(ModelConfig())``, a 2D MONAI U-Net 16-32-64-128,
 1 -> 6 channels), batch 8 of 128 x 128 slices preloaded in memory (preprocessed phantom CT cases,
@@ -45,9 +45,9 @@ from fedgin.config import TrainConfig, resolve
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.data.sites import load_site
 from fedgin.data.labels import get_scheme
-from fedgin.losses import PartialLabelDiceCELoss
-from fedgin.model import ModelConfig, build_model
-from fedgin.trainer import Trainer, seed_everything
+from fedgin.engine.losses import PartialLabelDiceCELoss
+from fedgin.engine.model import ModelConfig, build_model
+from fedgin.engine.trainer import Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, provenance, write_result  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import write_nnunet
-from fedgin.checkpoint import load_checkpoint
+from fedgin.engine.checkpoint import load_checkpoint
 from fedgin.cli import main
 from fedgin.data.phantoms import write_phantom_datasets
 

@@ -22,7 +22,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgin.checkpoint import load_raw
+from fedgin.engine.checkpoint import load_raw
 from fedgin.config import RunConfig, SiteSpec, resolve
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.errors import FedginError
@@ -32,8 +32,8 @@ from fedgin.federated.server_app import config_from_run_config
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
 from fedgin.data.labels import get_scheme
-from fedgin.model import build_model
-from fedgin.runs import load_sites
+from fedgin.engine.model import build_model
+from fedgin.engine.runs import load_sites
 from loopback import BIN, REPO, TINY, Loopback, tiny_config
 from loopback import alive as _alive
 from loopback import stop as _stop
@@ -42,7 +42,7 @@ from loopback import wait as _wait
 ORGANS = get_scheme("abdomen5").organs
 #: what a site may send besides the weights: numbers only (no case ids, paths or names)
 TRAIN_METRICS = {"num-examples", "loss", "seconds", "modality", "site-index", "lr", *(f"dice-{o}" for o in ORGANS)}
-#: evaluate replies also carry the Dice with each organ's candidate post-processing (fedgin.postprocess)
+#: evaluate replies also carry the Dice with each organ's candidate post-processing (fedgin.engine.postprocess)
 EVALUATE_METRICS = {"num-examples", "modality", "site-index", *(f"dice-{o}" for o in ORGANS),
                     *(f"dice-pp-{o}" for o in ORGANS)}
 

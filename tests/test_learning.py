@@ -18,7 +18,7 @@ import pytest
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.evaluate import evaluate
-from fedgin.runs import train_non_federated
+from fedgin.engine.runs import train_non_federated
 
 #: The recipe that must learn: GIN off (it slows learning on purpose) and no augmentation, so the
 #: bound on steps measures the engine; everything else is the quick preset's.

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fedgin.losses import PartialLabelDiceCELoss, marginal_log_probs
+from fedgin.engine.losses import PartialLabelDiceCELoss, marginal_log_probs
 
 
 def _logits_for(probs: list[float], h: int = 2, w: int = 2) -> torch.Tensor:

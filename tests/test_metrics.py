@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedgin.metrics import case_metrics, dice_score, hd95_mm, mean_sd
+from fedgin.engine.metrics import case_metrics, dice_score, hd95_mm, mean_sd
 
 
 def test_dice_known_values():

@@ -26,7 +26,7 @@ from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.federated.client_app import app
 from fedgin.federated.task import run_config_to_json, state_to_numpy
 from fedgin.data.labels import get_scheme
-from fedgin.model import build_model
+from fedgin.engine.model import build_model
 
 ORGANS = get_scheme("abdomen5").organs
 DICE_KEYS = {f"dice-{o}" for o in ORGANS}

@@ -19,10 +19,10 @@ from fedgin.data.phantoms import write_phantom_datasets
 from fedgin.federated import client_app
 from fedgin.federated.task import run_config_to_json, state_to_numpy, train_round
 from fedgin.data.labels import get_scheme
-from fedgin.losses import view_consistency
-from fedgin.model import build_model
-from fedgin.runs import load_sites, train_non_federated
-from fedgin.trainer import Trainer, poly_lr
+from fedgin.engine.losses import view_consistency
+from fedgin.engine.model import build_model
+from fedgin.engine.runs import load_sites, train_non_federated
+from fedgin.engine.trainer import Trainer, poly_lr
 from loopback import tiny_config
 
 SCHEME = get_scheme("abdomen5")

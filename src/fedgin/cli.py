@@ -190,7 +190,7 @@ def _train_overrides(args) -> dict:
 
 def cmd_train(args) -> int:
     from .config import resolve
-    from .runs import train_non_federated
+    from .engine.runs import train_non_federated
 
     overrides = _train_overrides(args)
     overrides.pop("local_epochs")

@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .model import ModelConfig
+from .engine.model import ModelConfig
 from .data.preprocess import PreprocessConfig
 
 
@@ -97,7 +97,7 @@ class RunConfig:
     train_cases: dict[str, list[str]] | None = None  # site -> the only training cases it may use
     cache_dir: str | None = None
     device: str = "auto"
-    postprocess: bool = True  # decide a post-processing plan on validation cases (fedgin.postprocess)
+    postprocess: bool = True  # decide a post-processing plan on validation cases (fedgin.engine.postprocess)
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -140,7 +140,7 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
     """
     from .evaluate import evaluate
     from .federated.launcher import federate
-    from .runs import train_non_federated
+    from .engine.runs import train_non_federated
 
     parsed = [parse_method(m) for m in methods]
     scheme = get_scheme("abdomen5")

@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from ..atomic import write_bytes
 from ..config import RunConfig, SiteSpec
-from ..model import build_model
+from ..engine.model import build_model
 from .task import evaluate_round, norm_layer_keys, run_config_from_json, train_round
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import FedginError
-from ..runs import check_resumable, load_sites, prepare_run_dir
+from ..engine.runs import check_resumable, load_sites, prepare_run_dir
 
 # Telemetry off and no runtime dependency installation, before Flower is imported.
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"

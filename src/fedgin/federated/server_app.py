@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, SiteSpec, resolve
 from ..errors import FedginError
-from ..model import build_model
+from ..engine.model import build_model
 from .recorder import RoundRecorder
 from .strategy import make_strategy
 from .task import norm_layer_keys, run_config_to_json, state_to_numpy

@@ -21,9 +21,9 @@ import torch
 from ..config import RunConfig, SiteSpec
 from ..data.sites import SiteData, load_site
 from ..data.labels import get_scheme
-from ..model import build_model
-from ..postprocess import validation_scores
-from ..trainer import Trainer, resolve_device, seed_everything
+from ..engine.model import build_model
+from ..engine.postprocess import validation_scores
+from ..engine.trainer import Trainer, resolve_device, seed_everything
 
 MODALITY_CODES = {"CT": 0, "MRI": 1}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data.preprocess import Preprocessed, probabilities_to_original
+from ..data.preprocess import Preprocessed, probabilities_to_original
 
 
 @torch.no_grad()

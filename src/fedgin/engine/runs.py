@@ -2,7 +2,7 @@
 
 A run dir holds ``config.json``, ``metrics.jsonl`` (one line per epoch or round per site),
 ``checkpoints/`` (one global checkpoint per epoch/round and ``last.pt``), ``postprocess.json``
-(the post-processing plan decided on the validation cases, see :mod:`fedgin.postprocess`) and plots.
+(the post-processing plan decided on the validation cases, see :mod:`fedgin.engine.postprocess`) and plots.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_raw, resolve_checkpoint_path, save_checkpoint
-from .config import RunConfig
-from .data.sites import SiteData, load_site
-from .errors import FedginError
-from .data.labels import get_scheme
+from ..config import RunConfig
+from ..data.sites import SiteData, load_site
+from ..errors import FedginError
+from ..data.labels import get_scheme
 from .model import build_model
 from .postprocess import PostprocessPlan, decide_plan, decision_record, validation_scores, write_decision
 from .trainer import EpochResult, Trainer, resolve_device, seed_everything

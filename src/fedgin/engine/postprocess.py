@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .atomic import write_text
+from ..atomic import write_text
 from .inference import predict_preprocessed_labels
-from .data.labels import LabelScheme
+from ..data.labels import LabelScheme
 from .metrics import dice_score, mean_sd
 
 if TYPE_CHECKING:
-    from .data.sites import CaseData
+    from ..data.sites import CaseData
 
 #: Voxel connectivity of a component: 26 (faces, edges and corners) in 3D.
 CONNECTIVITY = 26
@@ -156,7 +156,7 @@ def validation_scores(model: torch.nn.Module, cases: list[CaseData], scheme: Lab
                       device: torch.device) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """Mean per-case 3D Dice per organ on preprocessed validation cases (``D x H x W``), without
     and with each organ's candidate post-processing: ``(plain, pp)``, None where no case annotates
-    the organ. ``plain`` is exactly what :meth:`fedgin.trainer.Trainer.validate` reports."""
+    the organ. ``plain`` is exactly what :meth:`fedgin.engine.trainer.Trainer.validate` reports."""
     candidate = candidate_plan(scheme)
     plain: dict[str, list[float | None]] = {o: [] for o in scheme.organs}
     pp: dict[str, list[float | None]] = {o: [] for o in scheme.organs}

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import publish, temp_path
-from .data.preprocess import PreprocessConfig
-from .errors import FedginError, ModelError
-from .data.labels import LabelScheme, get_scheme
+from ..atomic import publish, temp_path
+from ..data.preprocess import PreprocessConfig
+from ..errors import FedginError, ModelError
+from ..data.labels import LabelScheme, get_scheme
 from .model import ModelConfig, build_model
 from .postprocess import PostprocessPlan
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .data.sites import CaseData
+from ..config import TrainConfig
+from ..data.sites import CaseData
 from .inference import predict_preprocessed_labels
-from .data.labels import LabelScheme
-from .augment import GIN, IPA, RandomIntensity
+from ..data.labels import LabelScheme
+from ..augment import GIN, IPA, RandomIntensity
 from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd
 
@@ -141,7 +141,7 @@ class Trainer:
     ``round(batch_size / k)`` slices in ``k = gin_views + clean_view`` views each (same geometry,
     independent intensity draws), so every method costs the same per step. With ``k >= 2`` the
     loss adds ``consistency`` times the KL of each view's prediction from the views' mean
-    (:func:`fedgin.losses.view_consistency`).
+    (:func:`fedgin.engine.losses.view_consistency`).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, scheme: LabelScheme,
