@@ -31,7 +31,7 @@ Data (``--data``):
 Scores: per-case 3D Dice (and HD95) on each case's own grid, organs not annotated in a case ignored.
 
 Library calls only: ``fedgin.engine.runs.train_non_federated`` (mode ``local``) then
-``fedgin.evaluate.evaluate``. Writes ``docs/results/domain_gap.json`` + ``.md`` (phantom) or
+``fedgin.evaluation.scoring.evaluate``. Writes ``docs/results/domain_gap.json`` + ``.md`` (phantom) or
 ``docs/results/domain_gap_real.json`` + ``.md`` (real), or ``--out`` and the ``.md`` next to it, and
 prints them. With ``--work``, every run keeps its folder there (``runs/<variant>_<budget>steps/``:
 the training run, ``eval/summary.json``, ``run.json``) next to a shared preprocessing cache; a run
@@ -63,7 +63,7 @@ from fedgin.config import SiteSpec, resolve
 from fedgin.data.datasets import open_dataset
 from fedgin.data.phantoms import CT_DATASET, write_phantom_datasets
 from fedgin.data.splits import builtin_split_files, split_for
-from fedgin.evaluate import evaluate
+from fedgin.evaluation.scoring import evaluate
 from fedgin.data.labels import get_scheme
 from fedgin.engine.runs import train_non_federated
 

@@ -1,6 +1,6 @@
 """Time and peak memory of the ``fedgin predict`` path for one volume, each run in a fresh process.
 
-The path timed is ``fedgin.predict.predict``: load the checkpoint, read the NIfTI, preprocess
+The path timed is ``fedgin.evaluation.prediction.predict``: load the checkpoint, read the NIfTI, preprocess
 (RAS, 2.5 mm in-plane, 128 x 128), slice-wise inference, probabilities back onto the input grid,
 write the uint8 label map, ``labels.json`` and ``provenance.json``. The model is the quick preset's
 U-Net (16-32-64-128, 6 classes) with random weights (timing does not depend on training), saved
@@ -54,7 +54,7 @@ def child(volume: str, model: str, modality: str) -> None:
 
     torch.set_num_threads(THREADS)
     from fedgin.engine.checkpoint import load_checkpoint
-    from fedgin.predict import predict
+    from fedgin.evaluation.prediction import predict
 
     # first-call costs (kernel selection, allocator) once, on a tiny input, outside the timing
     net = load_checkpoint(model).build("cpu")
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         **provenance(threads=THREADS),
         "setting": {
-            "path": "fedgin.predict.predict(volume, out, model, modality=...): checkpoint load, NIfTI read, "
-                    "preprocess, slice-wise inference (batch 32), back to the input grid, write",
+            "path": "fedgin.evaluation.prediction.predict(volume, out, model, modality=...): checkpoint load, "
+                    "NIfTI read, preprocess, slice-wise inference (batch 32), back to the input grid, write",
             "model": "quick preset U-Net (16-32-64-128, 6 classes), random weights",
             "memory": "ru_maxrss of a fresh process: peak during predict minus the level before it "
                       "(after imports and a one-slice warm-up)",

@@ -17,7 +17,7 @@ import pytest
 
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.phantoms import write_phantom_datasets
-from fedgin.evaluate import evaluate
+from fedgin.evaluation.scoring import evaluate
 from fedgin.engine.runs import train_non_federated
 
 #: The recipe that must learn: GIN off (it slows learning on purpose) and no augmentation, so the

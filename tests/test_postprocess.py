@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fedgin.evaluate
-import fedgin.predict
+import fedgin.evaluation.scoring
+import fedgin.evaluation.prediction
 from conftest import ORGAN_BOXES, SHAPE
 from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.cli import main
@@ -223,7 +223,7 @@ def test_predict_applies_the_checkpoints_plan_unless_told_not_to(capsys, tmp_pat
     model = _checkpoint(tmp_path / "model.pt", PostprocessPlan({"liver": 1}))
     raw = organ_map(speck=ABDOMEN5.label_ids["liver"])
     # the network's output on the input grid, with a far liver speck
-    monkeypatch.setattr(fedgin.predict, "predict_labels", lambda net, pre, device: raw.copy())
+    monkeypatch.setattr(fedgin.evaluation.prediction, "predict_labels", lambda net, pre, device: raw.copy())
 
     rc, _, err = cli(capsys, "predict", "-i", src, "-o", tmp_path / "pp", "--model", model, "--masks")
     assert rc == 0, err
@@ -252,8 +252,8 @@ def test_evaluate_scores_the_postprocessed_prediction(capsys, tmp_path, make_nnu
         labels[22:24, 0:4, 0:3] = scheme.label_ids["liver"]  # 24 voxels: beyond HD95's 5% of the surface
         return labels
 
-    monkeypatch.setattr(fedgin.evaluate, "load_case", lambda ref, scheme, cfg, cache_dir: (ref, scheme))
-    monkeypatch.setattr(fedgin.evaluate, "predict_labels", reference_with_speck)
+    monkeypatch.setattr(fedgin.evaluation.scoring, "load_case", lambda ref, scheme, cfg, cache_dir: (ref, scheme))
+    monkeypatch.setattr(fedgin.evaluation.scoring, "predict_labels", reference_with_speck)
 
     rc, _, err = cli(capsys, "evaluate", "--model", model, "--data", dataset, "--out", tmp_path / "pp",
                      "--cases", "all")

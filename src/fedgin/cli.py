@@ -260,7 +260,7 @@ def cmd_phantoms(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from .evaluation.scoring import evaluate
 
     summary = evaluate(args.model, args.data, args.out, cases=args.cases, seed=args.seed, split_file=args.split,
                        device=args.device, cache_dir=args.cache_dir, postprocess=args.postprocess)
@@ -272,7 +272,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict
+    from .evaluation.prediction import predict
 
     written = predict(args.input, args.output, args.model, modality=args.modality, masks=args.masks,
                       device=args.device, postprocess=args.postprocess)

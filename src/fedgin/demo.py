@@ -11,7 +11,7 @@ from pathlib import Path
 from .data.check import check_datasets
 from .config import SiteSpec, resolve
 from .errors import FedginError
-from .evaluate import evaluate
+from .evaluation.scoring import evaluate
 from .data.labels import get_scheme
 from .report import write_run_report
 

@@ -138,7 +138,7 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
     ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images).
     """
-    from .evaluate import evaluate
+    from .evaluation.scoring import evaluate
     from .federated.launcher import federate
     from .engine.runs import train_non_federated
 

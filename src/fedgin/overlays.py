@@ -31,7 +31,7 @@ from .data.cache import load_case  # noqa: E402
 from .data.datasets import CaseRef  # noqa: E402
 from .data.preprocess import PreprocessConfig  # noqa: E402
 from .errors import FedginError, ModelError  # noqa: E402
-from .evaluate import select_cases  # noqa: E402
+from .evaluation.scoring import select_cases  # noqa: E402
 from .experiment import _run_dir  # noqa: E402
 from .engine.inference import predict_preprocessed_labels  # noqa: E402
 from .data.labels import LabelScheme  # noqa: E402

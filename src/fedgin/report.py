@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .evaluate import summary_markdown  # noqa: E402
+from .evaluation.scoring import summary_markdown  # noqa: E402
 from .data.labels import get_scheme  # noqa: E402
 
 

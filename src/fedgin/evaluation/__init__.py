@@ -1,0 +1,1 @@
+"""Applying a trained model: scoring it on datasets (evaluate) and writing its predictions as NIfTI (predict)."""
