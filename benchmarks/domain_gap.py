@@ -61,7 +61,7 @@ import torch
 
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.datasets import open_dataset
-from fedgin.data.phantoms import CT_DATASET, write_phantom_datasets
+from fedgin.synthetic import CT_DATASET, write_phantom_datasets
 from fedgin.data.splits import builtin_split_files, split_for
 from fedgin.evaluation.scoring import evaluate
 from fedgin.data.labels import get_scheme

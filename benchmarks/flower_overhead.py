@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 carries the start-up)")
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    from fedgin.data.phantoms import write_phantom_datasets
+    from fedgin.synthetic import write_phantom_datasets
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="flower-overhead-") as tmp:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedgin.config import SiteSpec, resolve
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.engine.inference import predict_preprocessed_labels
 from fedgin.data.labels import get_scheme
 from fedgin.engine.metrics import dice_score

@@ -90,7 +90,7 @@ def make_model(path: Path) -> Path:
 
 
 def make_phantoms(folder: Path) -> dict[str, tuple[str, str]]:
-    from fedgin.data.phantoms import write_phantom_datasets
+    from fedgin.synthetic import write_phantom_datasets
 
     ct, mri = write_phantom_datasets(folder, 1, 1, seed=0)
     return {

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from fedgin.config import TrainConfig, resolve
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.data.sites import load_site
 from fedgin.data.labels import get_scheme
 from fedgin.engine.losses import PartialLabelDiceCELoss

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from fedgin.data.nifti import write_volume
-from fedgin.data.phantoms import PHANTOM_LABELS
+from fedgin.synthetic import PHANTOM_LABELS
 
 #: The label map of the shared bundle and of most fixtures (the phantoms use the same table).
 ABDOMEN_LABELS: dict[str, int] = dict(PHANTOM_LABELS)

@@ -13,7 +13,7 @@ import torch
 from conftest import write_nnunet
 from fedgin.engine.checkpoint import load_checkpoint
 from fedgin.cli import main
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 
 TINY = ["--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
 

@@ -24,7 +24,7 @@ import fedgin.evaluation.scoring
 from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.cli import main
 from fedgin.data.nifti import axcodes_of, write_volume
-from fedgin.data.phantoms import CT_DATASET, MRI_DATASET
+from fedgin.synthetic import CT_DATASET, MRI_DATASET
 from fedgin.data.preprocess import PreprocessConfig
 from fedgin.data.labels import get_scheme
 from fedgin.engine.model import ModelConfig, build_model

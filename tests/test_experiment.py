@@ -19,7 +19,7 @@ import torch
 
 from fedgin.cli import main
 from fedgin.config import SiteSpec
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.errors import FedginError
 from fedgin.experiment import aggregate, parse_method, scenario_train_cases
 

@@ -40,7 +40,7 @@ from fedgin.engine.checkpoint import load_raw, save_checkpoint
 from fedgin.cli import main
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.datasets import open_dataset
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.data.splits import split_for
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.strategy import make_strategy

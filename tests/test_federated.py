@@ -24,7 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedgin.engine.checkpoint import load_raw
 from fedgin.config import RunConfig, SiteSpec, resolve
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.errors import FedginError
 from fedgin.federated import client_app
 from fedgin.federated.recorder import RoundRecorder

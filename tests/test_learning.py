@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedgin.config import SiteSpec, resolve
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.evaluation.scoring import evaluate
 from fedgin.engine.runs import train_non_federated
 

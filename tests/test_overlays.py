@@ -19,7 +19,7 @@ import torch
 
 from fedgin.cli import main
 from fedgin.data.datasets import CaseRef
-from fedgin.data.phantoms import CT_DATASET, MRI_DATASET
+from fedgin.synthetic import CT_DATASET, MRI_DATASET
 from fedgin.data.labels import get_scheme
 from fedgin.overlays import (DPI, OVERLAY_DIR, PANEL_INCHES, annotated_reference, case_mean_dice, display_window,
                              draw_overlays, first_cases, foreground_slice)

@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from fedgin.data.datasets import open_dataset
-from fedgin.data.phantoms import (
+from fedgin.synthetic import (
     CT_DATASET,
     MRI_DATASET,
     MRI_PARTIAL_ORGANS,
@@ -188,7 +188,7 @@ def test_manifest_reproduces_every_case_and_sites_share_no_patient(datasets) -> 
     seeds = []
     for path in paths:
         manifest = json.loads((path / "manifest.json").read_text())
-        assert manifest["generator"] == "fedgin.data.phantoms" and manifest["seed"] == 7
+        assert manifest["generator"] == "fedgin.synthetic" and manifest["seed"] == 7
         for entry in manifest["cases"]:
             case = make_phantom(entry["seed"], entry["modality"], case_id=entry["case"])
             image = nib.load(path / entry["image"])
@@ -251,6 +251,16 @@ def test_rewriting_replaces_an_earlier_phantom_dataset(tmp_path) -> None:
     assert json.loads((ct_path / "manifest.json").read_text())["seed"] == 2
     assert len(open_dataset(ct_path, get_scheme("abdomen5")).cases) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [CT_DATASET, MRI_DATASET]
+
+
+def test_rewriting_replaces_a_phantom_dataset_of_an_earlier_fedgin(tmp_path) -> None:
+    """Datasets written while the generator was ``fedgin.data.phantoms`` may still be replaced."""
+    ct_path, mr_path = write_phantom_datasets(tmp_path, n_ct=1, n_mri=1, seed=1)
+    for path in (ct_path, mr_path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        (path / "manifest.json").write_text(json.dumps({**manifest, "generator": "fedgin.data.phantoms"}))
+    write_phantom_datasets(tmp_path, n_ct=1, n_mri=1, seed=2)
+    assert json.loads((ct_path / "manifest.json").read_text())["generator"] == "fedgin.synthetic"
 
 
 def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path) -> None:

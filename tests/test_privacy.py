@@ -22,7 +22,7 @@ from flwr.common.serde import recorddict_to_proto
 from conftest import write_nnunet
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.nifti import write_volume
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.federated.client_app import app
 from fedgin.federated.task import run_config_to_json, state_to_numpy
 from fedgin.data.labels import get_scheme

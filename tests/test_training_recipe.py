@@ -15,7 +15,7 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Mes
 
 from fedgin.augment import RandomIntensity
 from fedgin.config import TrainConfig
-from fedgin.data.phantoms import write_phantom_datasets
+from fedgin.synthetic import write_phantom_datasets
 from fedgin.federated import client_app
 from fedgin.federated.task import run_config_to_json, state_to_numpy, train_round
 from fedgin.data.labels import get_scheme

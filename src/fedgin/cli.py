@@ -251,7 +251,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_phantoms(args) -> int:
-    from .data.phantoms import write_phantom_datasets
+    from .synthetic import write_phantom_datasets
 
     paths = write_phantom_datasets(args.out, args.ct, args.mri, args.seed, mri_partial=args.mri_partial)
     for p in paths:

@@ -20,7 +20,7 @@ DEMO_ROUNDS = 10
 
 def run_demo(out: Path, *, seed: int = 0, rounds: int | None = None, log=print) -> Path:
     """Run the demo into ``out``: ``data/``, ``run/``, ``eval/summary.json``, ``report.md``."""
-    from .data.phantoms import write_phantom_datasets
+    from .synthetic import write_phantom_datasets
     from .federated.launcher import federate
 
     start = time.perf_counter()

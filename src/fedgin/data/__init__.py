@@ -1,1 +1,1 @@
-"""Data layer: reading datasets, label mapping, preprocessing, cache, splits, phantoms."""
+"""Data layer: reading datasets, label mapping, preprocessing, cache, splits and the data check."""
