@@ -21,7 +21,7 @@ from fedgin.cli import main
 from fedgin.config import SiteSpec
 from fedgin.synthetic import write_phantom_datasets
 from fedgin.errors import FedginError
-from fedgin.experiment import aggregate, parse_method, scenario_train_cases
+from fedgin.experiments.experiment import aggregate, parse_method, scenario_train_cases
 
 METHODS = ("local-ct", "local-ct+ipa", "local-mri")
 SCENARIOS = ("complete", "limited-1to2")

@@ -286,7 +286,7 @@ def cmd_experiment(args) -> int:
     import shlex
     import time
 
-    from .experiment import run_experiment
+    from .experiments.experiment import run_experiment
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -304,7 +304,7 @@ def cmd_experiment(args) -> int:
     meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
     meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, args.seeds
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
-    from .experiment import write_results
+    from .experiments.experiment import write_results
 
     report = write_results(out, scenarios, methods, args.seeds, overlays=not args.no_overlays)
     print(f"wrote {report}")
@@ -315,16 +315,16 @@ def cmd_report(args) -> int:
     import json
 
     from .errors import FedginError
-    from .report import write_run_report
+    from .experiments.run_report import write_run_report
 
     path = Path(args.dir)
     if (path / "experiment.json").exists():
-        from .experiment import write_results
+        from .experiments.experiment import write_results
 
         meta = json.loads((path / "experiment.json").read_text())
         overlays = not args.no_overlays
         if overlays:  # they need the runs' models and the test scans
-            from .overlays import draw_overlays
+            from .experiments.overlays import draw_overlays
 
             draw_overlays(path, meta["scenarios"], meta["methods"])
         report = write_results(path, meta["scenarios"], meta["methods"], meta["seeds"], overlays=overlays)
@@ -340,7 +340,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     run_demo(Path(args.out), seed=args.seed, rounds=args.rounds)
     return 0

@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .data.labels import get_scheme  # noqa: E402
-from .overlays import OVERLAY_DIR, overlay_paths  # noqa: E402
-from .report import SCORED_CHECKPOINT, read_metrics  # noqa: E402
+from ..data.labels import get_scheme  # noqa: E402
+from .layout import OVERLAY_DIR, overlay_paths, run_dir  # noqa: E402
+from .run_report import SCORED_CHECKPOINT, read_metrics  # noqa: E402
 
 #: A hand-written reading of an experiment's numbers, put in ``report.md`` after the measured claims.
 ANALYSIS_FILE = "analysis.md"
@@ -40,7 +40,7 @@ def plot_curves(out: Path, scenario: str, methods: list[str], seeds: int) -> Pat
     drawn = False
     for method in methods:
         for seed in range(seeds):
-            rows = read_metrics(out / "runs" / scenario / method / f"seed{seed}")
+            rows = read_metrics(run_dir(out, scenario, method, seed))
             rows = [r for r in rows if "round" in r and r.get("dice")]
             for ax, modality in zip(axes, ("CT", "MRI")):
                 mod_rows = [r for r in rows if r["modality"] == modality]

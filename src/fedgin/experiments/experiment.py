@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig, SiteSpec, resolve
-from .data.datasets import open_dataset
-from .data.splits import split_for
-from .errors import FedginError
-from .data.labels import get_scheme
+from ..config import RunConfig, SiteSpec, resolve
+from ..data.datasets import open_dataset
+from ..data.splits import split_for
+from ..errors import FedginError
+from ..data.labels import get_scheme
+from .layout import run_dir
 
 SCENARIOS = ("complete", "limited-1to1", "limited-1to2", "limited-1to5")
 BASE_METHODS = ("local-ct", "local-mri", "centralized", "fedavg", "fedgin")
@@ -126,10 +127,6 @@ def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[
     return out
 
 
-def _run_dir(out: Path, scenario: str, method: str, seed: int) -> Path:
-    return out / "runs" / scenario / method / f"seed{seed}"
-
-
 def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str], seeds: int, out: Path, *,
                    preset: str = "quick", rounds: int | None = None, local_epochs: int | None = None,
                    steps_per_epoch: int | None = None, split_file: str | None = None, cache_dir: str | None = None,
@@ -138,9 +135,9 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
     ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images).
     """
-    from .evaluation.scoring import evaluate
-    from .federated.launcher import federate
-    from .engine.runs import train_non_federated
+    from ..evaluation.scoring import evaluate
+    from ..federated.launcher import federate
+    from ..engine.runs import train_non_federated
 
     parsed = [parse_method(m) for m in methods]
     scheme = get_scheme("abdomen5")
@@ -153,7 +150,7 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
         for seed in range(seeds):
             limits = scenario_train_cases(scenario, sites, modalities, seed, split_file, scheme.name)
             for method in parsed:
-                run = _run_dir(out, scenario, method.name, seed)
+                run = run_dir(out, scenario, method.name, seed)
                 eval_dir = run / "eval"
                 base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
                                train_overrides={**method.train_overrides, "steps_per_epoch": steps_per_epoch},
@@ -222,7 +219,7 @@ def _same_training(out: Path, scenario: str, method: Method, seed: int, limits, 
         return None
     runs = out / "runs"
     for other in sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []:
-        candidate = _run_dir(out, other, method.name, seed)
+        candidate = run_dir(out, other, method.name, seed)
         if other != scenario and (candidate / "eval" / "summary.json").exists():
             return candidate
     return None
@@ -253,7 +250,7 @@ def collect_rows(out: Path, scenarios: list[str], methods: list[str], seeds: int
     for scenario in scenarios:
         for method in methods:
             for seed in range(seeds):
-                path = _run_dir(out, scenario, method, seed) / "eval" / "summary.json"
+                path = run_dir(out, scenario, method, seed) / "eval" / "summary.json"
                 if not path.exists():
                     continue
                 summary = json.loads(path.read_text())
@@ -302,8 +299,8 @@ def aggregate(rows: list[dict]) -> dict:
 
 def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: int, *, overlays: bool = True) -> Path:
     """``results.csv``, ``results.json`` and ``report.md`` (+ plots) from the finished runs;
-    ``overlays``: the report shows the overlay PNGs drawn (:func:`fedgin.overlays.draw_overlays`)."""
-    from .experiment_report import write_experiment_report
+    ``overlays``: the report shows the overlay PNGs drawn (:func:`fedgin.experiments.overlays.draw_overlays`)."""
+    from .grid_report import write_experiment_report
 
     rows = collect_rows(out, scenarios, methods, seeds)
     buf = io.StringIO()

@@ -25,19 +25,18 @@ import torch  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .atomic import publish, temp_path  # noqa: E402
-from .engine.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
-from .data.cache import load_case  # noqa: E402
-from .data.datasets import CaseRef  # noqa: E402
-from .data.preprocess import PreprocessConfig  # noqa: E402
-from .errors import FedginError, ModelError  # noqa: E402
-from .evaluation.scoring import select_cases  # noqa: E402
-from .experiment import _run_dir  # noqa: E402
-from .engine.inference import predict_preprocessed_labels  # noqa: E402
-from .data.labels import LabelScheme  # noqa: E402
-from .engine.trainer import resolve_device  # noqa: E402
+from ..atomic import publish, temp_path  # noqa: E402
+from ..engine.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from ..data.cache import load_case  # noqa: E402
+from ..data.datasets import CaseRef  # noqa: E402
+from ..data.preprocess import PreprocessConfig  # noqa: E402
+from ..errors import FedginError, ModelError  # noqa: E402
+from ..evaluation.scoring import select_cases  # noqa: E402
+from ..engine.inference import predict_preprocessed_labels  # noqa: E402
+from ..data.labels import LabelScheme  # noqa: E402
+from ..engine.trainer import resolve_device  # noqa: E402
+from .layout import OVERLAY_DIR, run_dir  # noqa: E402
 
-OVERLAY_DIR = "overlays"
 #: Each panel is PANEL_INCHES x PANEL_INCHES at DPI: a PNG is ``panels x 300`` pixels wide.
 PANEL_INCHES = 3.0
 DPI = 100
@@ -75,11 +74,6 @@ class Panel:
 
     title: str
     labels: np.ndarray | None
-
-
-def overlay_paths(out: Path, scenario: str) -> list[Path]:
-    """The overlay PNGs of ``scenario`` under an experiment dir, by name."""
-    return sorted((Path(out) / OVERLAY_DIR).glob(f"{scenario}_*.png"))
 
 
 def load_finished_run(run: Path) -> FinishedRun | None:
@@ -240,7 +234,7 @@ def _finished_runs(out: Path, scenario: str, methods: list[str], seed: int,
     for method in methods:
         reason = None
         try:
-            run = load_finished_run(_run_dir(out, scenario, method, seed))
+            run = load_finished_run(run_dir(out, scenario, method, seed))
         except ModelError as exc:  # a missing or damaged model must not cost the other methods' panels
             log(f"overlays {scenario}: {exc}")
             run, reason = None, "no usable model"
