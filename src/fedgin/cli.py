@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one CT site and one MRI site")
     p.add_argument("--scenario", default="complete",
                    help="comma-separated: complete, limited-1to1, limited-1to2, limited-1to5")
-    p.add_argument("--methods", default="local-ct,local-ct+gin,local-mri,centralized,fedavg,fedgin",
+    p.add_argument("--methods",
                    help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin, each optionally with "
                         "+gin (the preset's GIN recipe), +ipa (GIN with IPA), +gin1 (the paper's plain GIN), "
                         "+ouyang (3 GIN+IPA views, consistency term) or +clean (a GIN+IPA and a clean view), "
@@ -221,7 +221,7 @@ def cmd_federate(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from .data.check import check_datasets, format_table
+    from .data.check import check_datasets, format_table, summary_line
     from .data.labels import get_scheme
 
     scheme = get_scheme(args.scheme)
@@ -230,23 +230,17 @@ def cmd_data_check(args) -> int:
         print(format_table(rows, scheme), end="")
     for line in errors:
         print(f"fedgin: error: {line}", file=sys.stderr)
-    if errors:
-        print(f"FAILED: {len(errors)} problem(s), {len(rows)} good case(s)")
-        return 2
-    mods = sorted({r.modality for r in rows})
-    print(f"OK: {len(rows)} cases in {len(args.datasets)} dataset(s) ({', '.join(mods)}), all readable and mapped")
-    return 0
+    print(summary_line(rows, errors, len(args.datasets)))
+    return 2 if errors else 0
 
 
 def cmd_cache(args) -> int:
-    from .data.cache import cache_info, clear_cache
+    from .data.cache import cache_info, clear_cache, describe_cache, describe_cleared
 
     if args.cache_command == "clear":
-        gone = clear_cache(args.cache_dir)
-        print(f"removed {gone['entries']} entries ({gone['bytes'] / 2**20:.1f} MiB) from {gone['path']}")
+        print(describe_cleared(clear_cache(args.cache_dir)))
     else:
-        info = cache_info(args.cache_dir)
-        print(f"{info['path']}: {info['entries']} entries, {info['bytes'] / 2**20:.1f} MiB")
+        print(describe_cache(cache_info(args.cache_dir)))
     return 0
 
 
@@ -260,13 +254,12 @@ def cmd_phantoms(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation.scoring import evaluate
+    from .evaluation.scoring import evaluate, mean_dice_lines
 
     summary = evaluate(args.model, args.data, args.out, cases=args.cases, seed=args.seed, split_file=args.split,
                        device=args.device, cache_dir=args.cache_dir, postprocess=args.postprocess)
-    for modality, stats in summary["by_modality"].items():
-        if modality != "all" and stats["mean_dice"] is not None:
-            print(f"{modality}: mean Dice {stats['mean_dice']:.3f} over {stats['cases']} cases")
+    for line in mean_dice_lines(summary):
+        print(line)
     print(f"wrote {args.out}/summary.json, metrics.csv, summary.md")
     return 0
 
@@ -280,62 +273,26 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _comma_list(text: str | None) -> list[str] | None:
+    return None if text is None else [item for item in text.split(",") if item]
+
+
 def cmd_experiment(args) -> int:
-    import json
-    import platform
-    import shlex
-    import time
+    from .experiments.experiment import run_recorded_experiment
 
-    from .experiments.experiment import run_experiment
-
-    start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    scenarios = [s for s in args.scenario.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
-    meta = {"command": "fedgin " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"}
-    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
-    report = run_experiment(list(args.site), scenarios, methods, args.seeds, out, preset=args.preset,
-                            rounds=args.rounds, local_epochs=args.local_epochs,
-                            steps_per_epoch=args.steps_per_epoch, split_file=args.split, cache_dir=args.cache_dir,
-                            overlays=not args.no_overlays)
-    meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
-    meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, args.seeds
-    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
-    from .experiments.experiment import write_results
-
-    report = write_results(out, scenarios, methods, args.seeds, overlays=not args.no_overlays)
+    report = run_recorded_experiment(list(args.site), _comma_list(args.scenario), _comma_list(args.methods),
+                                     args.seeds, Path(args.out), argv=sys.argv[1:], preset=args.preset,
+                                     rounds=args.rounds, local_epochs=args.local_epochs,
+                                     steps_per_epoch=args.steps_per_epoch, split_file=args.split,
+                                     cache_dir=args.cache_dir, overlays=not args.no_overlays)
     print(f"wrote {report}")
     return 0
 
 
 def cmd_report(args) -> int:
-    import json
+    from .experiments.redraw import redraw_report
 
-    from .errors import FedginError
-    from .experiments.run_report import write_run_report
-
-    path = Path(args.dir)
-    if (path / "experiment.json").exists():
-        from .experiments.experiment import write_results
-
-        meta = json.loads((path / "experiment.json").read_text())
-        overlays = not args.no_overlays
-        if overlays:  # they need the runs' models and the test scans
-            from .experiments.overlays import draw_overlays
-
-            draw_overlays(path, meta["scenarios"], meta["methods"])
-        report = write_results(path, meta["scenarios"], meta["methods"], meta["seeds"], overlays=overlays)
-    elif (path / "config.json").exists():
-        eval_dir = path / "eval" if (path / "eval" / "summary.json").exists() else None
-        report = write_run_report(path, eval_dir, path / "report.md", title=f"fedgin run {path.name}")
-    elif (path / "run" / "config.json").exists():  # a demo dir
-        report = write_run_report(path / "run", path / "eval", path / "report.md", title="fedgin demo")
-    else:
-        raise FedginError(f"{path}: not a run dir, demo dir or experiment dir")
-    print(f"wrote {report}")
+    print(f"wrote {redraw_report(args.dir, overlays=not args.no_overlays)}")
     return 0
 
 

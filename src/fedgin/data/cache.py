@@ -138,3 +138,13 @@ def clear_cache(cache_dir: Path | None = None) -> dict:
     for path in _entries(root):
         path.unlink(missing_ok=True)
     return removed
+
+
+def describe_cache(info: dict) -> str:
+    """``fedgin cache info``'s line for a :func:`cache_info` result: where, how many entries, MiB."""
+    return f"{info['path']}: {info['entries']} entries, {info['bytes'] / 2**20:.1f} MiB"
+
+
+def describe_cleared(removed: dict) -> str:
+    """``fedgin cache clear``'s line for a :func:`clear_cache` result."""
+    return f"removed {removed['entries']} entries ({removed['bytes'] / 2**20:.1f} MiB) from {removed['path']}"

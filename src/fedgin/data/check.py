@@ -57,6 +57,14 @@ def check_datasets(paths: list[str], scheme: LabelScheme) -> tuple[list[CaseRow]
     return rows, errors
 
 
+def summary_line(rows: list[CaseRow], errors: list[str], n_datasets: int) -> str:
+    """The last line of ``fedgin data check``: FAILED with the counts, or OK with what was read."""
+    if errors:
+        return f"FAILED: {len(errors)} problem(s), {len(rows)} good case(s)"
+    mods = sorted({r.modality for r in rows})
+    return f"OK: {len(rows)} cases in {n_datasets} dataset(s) ({', '.join(mods)}), all readable and mapped"
+
+
 def format_table(rows: list[CaseRow], scheme: LabelScheme) -> str:
     from rich.console import Console
     from rich.table import Table

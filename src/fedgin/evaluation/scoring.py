@@ -107,6 +107,13 @@ def summary_markdown(summary: dict, scheme: LabelScheme, title: str = "Evaluatio
     return "\n".join(lines) + "\n"
 
 
+def mean_dice_lines(summary: dict) -> list[str]:
+    """One line per modality of an evaluation summary with a mean Dice: that mean and the case count."""
+    return [f"{modality}: mean Dice {stats['mean_dice']:.3f} over {stats['cases']} cases"
+            for modality, stats in summary["by_modality"].items()
+            if modality != "all" and stats["mean_dice"] is not None]
+
+
 def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dict) -> dict:
     """Write ``summary.json`` (nnU-Net-like), ``metrics.csv`` and ``summary.md`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)

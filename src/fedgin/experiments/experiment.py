@@ -22,7 +22,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import platform
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -178,6 +181,33 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
         draw_overlays(out, scenarios, names, cache_dir=cache_dir, log=log)
     return write_results(out, scenarios, names, seeds, overlays=overlays)
+
+
+def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str] | None, seeds: int,
+                            out: Path, *, argv: list[str], preset: str = "quick", rounds: int | None = None,
+                            local_epochs: int | None = None, steps_per_epoch: int | None = None,
+                            split_file: str | None = None, cache_dir: str | None = None,
+                            overlays: bool = True) -> Path:
+    """``fedgin experiment``: :func:`run_experiment` with its provenance in ``out/experiment.json``.
+
+    Before the run: the command (``argv``, the arguments after ``fedgin``), date and machine; after
+    it also the wall time, scenarios, methods and seeds, and the report is redrawn with them.
+    ``methods`` None: :data:`DEFAULT_METHODS`. Returns the report.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(DEFAULT_METHODS) if methods is None else methods
+    meta = {"command": "fedgin " + " ".join(shlex.quote(a) for a in argv),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"}
+    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
+    run_experiment(sites, scenarios, methods, seeds, out, preset=preset, rounds=rounds, local_epochs=local_epochs,
+                   steps_per_epoch=steps_per_epoch, split_file=split_file, cache_dir=cache_dir, overlays=overlays)
+    meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
+    meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, seeds
+    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
+    return write_results(out, scenarios, methods, seeds, overlays=overlays)
 
 
 # what a finished run must share with what this call would train to be reused (the budget fields
