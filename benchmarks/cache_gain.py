@@ -24,8 +24,8 @@ import torch
 
 from fedgin.data.cache import file_digest, load_case
 from fedgin.data.datasets import open_dataset
-from fedgin.data.preprocess import PreprocessConfig
 from fedgin.data.labels import get_scheme
+from fedgin.data.preprocess import PreprocessConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, provenance, write_result  # noqa: E402

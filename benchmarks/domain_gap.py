@@ -61,11 +61,11 @@ import torch
 
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.datasets import open_dataset
-from fedgin.synthetic import CT_DATASET, write_phantom_datasets
-from fedgin.data.splits import builtin_split_files, split_for
-from fedgin.evaluation.scoring import evaluate
 from fedgin.data.labels import get_scheme
+from fedgin.data.splits import builtin_split_files, split_for
 from fedgin.engine.runs import train_non_federated
+from fedgin.evaluation.scoring import evaluate
+from fedgin.synthetic import CT_DATASET, write_phantom_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, provenance, write_result, write_text  # noqa: E402

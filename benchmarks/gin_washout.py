@@ -41,8 +41,8 @@ import torch
 
 from fedgin.augment import GIN
 from fedgin.data.datasets import CaseRef, open_dataset
-from fedgin.data.preprocess import BODY_THRESHOLD, PreprocessConfig, preprocess
 from fedgin.data.labels import LabelScheme, get_scheme
+from fedgin.data.preprocess import BODY_THRESHOLD, PreprocessConfig, preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, command_line, machine_info, now_iso, write_result, write_text  # noqa: E402

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from fedgin.config import SiteSpec, resolve
-from fedgin.synthetic import write_phantom_datasets
-from fedgin.engine.inference import predict_preprocessed_labels
 from fedgin.data.labels import get_scheme
+from fedgin.engine.inference import predict_preprocessed_labels
 from fedgin.engine.metrics import dice_score
 from fedgin.engine.model import build_model
 from fedgin.engine.runs import load_sites
 from fedgin.engine.trainer import Trainer, seed_everything
+from fedgin.synthetic import write_phantom_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, provenance, write_result, write_text  # noqa: E402

@@ -77,9 +77,9 @@ def child(volume: str, model: str, modality: str) -> None:
 def make_model(path: Path) -> Path:
     import torch
 
-    from fedgin.engine.checkpoint import save_checkpoint
     from fedgin.config import resolve
     from fedgin.data.labels import get_scheme
+    from fedgin.engine.checkpoint import save_checkpoint
     from fedgin.engine.model import build_model
 
     cfg = resolve("quick", command="bench", out=str(path.parent), sites=())

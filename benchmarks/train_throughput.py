@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from fedgin.config import TrainConfig, resolve
-from fedgin.synthetic import write_phantom_datasets
-from fedgin.data.sites import load_site
 from fedgin.data.labels import get_scheme
+from fedgin.data.sites import load_site
 from fedgin.engine.losses import PartialLabelDiceCELoss
 from fedgin.engine.model import ModelConfig, build_model
 from fedgin.engine.trainer import Trainer, seed_everything
+from fedgin.synthetic import write_phantom_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, provenance, write_result  # noqa: E402

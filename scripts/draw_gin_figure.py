@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fedgin.augment import GIN  # noqa: E402
-from fedgin.synthetic import make_phantom  # noqa: E402
 from fedgin.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from fedgin.synthetic import make_phantom  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAWS = 8

@@ -20,13 +20,13 @@ import torch
 
 from conftest import write_nnunet
 from test_data_check import AFFINE, MALFORMED, folder_digest
-from fedgin.engine.checkpoint import load_checkpoint, load_raw, save_checkpoint
 from fedgin.cli import main
+from fedgin.data.labels import get_scheme
 from fedgin.data.nifti import write_volume
 from fedgin.data.preprocess import PreprocessConfig
-from fedgin.errors import DataError, ModelError
-from fedgin.data.labels import get_scheme
+from fedgin.engine.checkpoint import load_checkpoint, load_raw, save_checkpoint
 from fedgin.engine.model import ModelConfig, build_model
+from fedgin.errors import DataError, ModelError
 
 TINY = ["--steps-per-epoch", "2", "--batch-size", "2"]
 

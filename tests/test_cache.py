@@ -14,9 +14,9 @@ from conftest import SHAPE, phantom_case
 from fedgin.data import cache as cache_module
 from fedgin.data.cache import cache_key, default_cache_dir, load_case
 from fedgin.data.datasets import open_dataset
+from fedgin.data.labels import get_scheme
 from fedgin.data.nifti import write_volume
 from fedgin.data.preprocess import PreprocessConfig, Preprocessed
-from fedgin.data.labels import get_scheme
 
 ABDOMEN5 = get_scheme("abdomen5")
 CFG = PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(32, 32))

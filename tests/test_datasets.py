@@ -12,10 +12,10 @@ import pytest
 
 from conftest import ABDOMEN_LABELS, SHAPE, phantom_case, write_nnunet
 from fedgin.data.datasets import open_dataset
+from fedgin.data.labels import get_scheme
 from fedgin.data.nifti import write_volume
 from fedgin.data.splits import Split, builtin_split_files, seeded_split, split_for
 from fedgin.errors import DataError
-from fedgin.data.labels import get_scheme
 
 ABDOMEN5 = get_scheme("abdomen5")
 ABDOMEN6 = get_scheme("abdomen6")

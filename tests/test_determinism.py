@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import write_nnunet
-from fedgin.engine.checkpoint import load_checkpoint
 from fedgin.cli import main
+from fedgin.engine.checkpoint import load_checkpoint
 from fedgin.synthetic import write_phantom_datasets
 
 TINY = ["--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--device", "cpu"]

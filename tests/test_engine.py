@@ -21,13 +21,13 @@ import pytest
 import torch
 
 import fedgin.evaluation.scoring
-from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.cli import main
-from fedgin.data.nifti import axcodes_of, write_volume
-from fedgin.synthetic import CT_DATASET, MRI_DATASET
-from fedgin.data.preprocess import PreprocessConfig
 from fedgin.data.labels import get_scheme
+from fedgin.data.nifti import axcodes_of, write_volume
+from fedgin.data.preprocess import PreprocessConfig
+from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.engine.model import ModelConfig, build_model
+from fedgin.synthetic import CT_DATASET, MRI_DATASET
 
 # one torch thread: on a shared 2-core machine two spinning OpenMP threads stall each other
 THREADS = "1"

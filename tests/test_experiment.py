@@ -19,9 +19,9 @@ import torch
 
 from fedgin.cli import main
 from fedgin.config import SiteSpec
-from fedgin.synthetic import write_phantom_datasets
 from fedgin.errors import FedginError
 from fedgin.experiments.experiment import aggregate, parse_method, scenario_train_cases
+from fedgin.synthetic import write_phantom_datasets
 
 METHODS = ("local-ct", "local-ct+ipa", "local-mri")
 SCENARIOS = ("complete", "limited-1to2")

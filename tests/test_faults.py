@@ -36,17 +36,17 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgin.engine.checkpoint import load_raw, save_checkpoint
 from fedgin.cli import main
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.datasets import open_dataset
-from fedgin.synthetic import write_phantom_datasets
+from fedgin.data.labels import get_scheme
 from fedgin.data.splits import split_for
+from fedgin.engine.checkpoint import load_raw, save_checkpoint
+from fedgin.engine.model import build_model
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
-from fedgin.data.labels import get_scheme
-from fedgin.engine.model import build_model
+from fedgin.synthetic import write_phantom_datasets
 from loopback import Loopback, alive, crash, metrics_lines, stop, tiny_config, wait
 
 SCHEME = get_scheme("abdomen5")

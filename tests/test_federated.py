@@ -22,18 +22,18 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgin.engine.checkpoint import load_raw
 from fedgin.config import RunConfig, SiteSpec, resolve
-from fedgin.synthetic import write_phantom_datasets
+from fedgin.data.labels import get_scheme
+from fedgin.engine.checkpoint import load_raw
+from fedgin.engine.model import build_model
+from fedgin.engine.runs import load_sites
 from fedgin.errors import FedginError
 from fedgin.federated import client_app
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.server_app import config_from_run_config
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
-from fedgin.data.labels import get_scheme
-from fedgin.engine.model import build_model
-from fedgin.engine.runs import load_sites
+from fedgin.synthetic import write_phantom_datasets
 from loopback import BIN, REPO, TINY, Loopback, tiny_config
 from loopback import alive as _alive
 from loopback import stop as _stop

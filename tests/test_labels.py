@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from fedgin.errors import FedginError
 from fedgin.data.labels import (
     AMOS_FIRST_MRI_ID,
     AMOS_LABELS,
@@ -14,6 +13,7 @@ from fedgin.data.labels import (
     expand_fine,
     get_scheme,
 )
+from fedgin.errors import FedginError
 
 
 def test_abdomen5_is_the_papers_five_organs_with_merged_kidneys():

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from fedgin.config import SiteSpec, resolve
-from fedgin.synthetic import write_phantom_datasets
-from fedgin.evaluation.scoring import evaluate
 from fedgin.engine.runs import train_non_federated
+from fedgin.evaluation.scoring import evaluate
+from fedgin.synthetic import write_phantom_datasets
 
 #: The recipe that must learn: GIN off (it slows learning on purpose) and no augmentation, so the
 #: bound on steps measures the engine; everything else is the quick preset's.

@@ -19,10 +19,10 @@ import torch
 
 from fedgin.cli import main
 from fedgin.data.datasets import CaseRef
-from fedgin.synthetic import CT_DATASET, MRI_DATASET
 from fedgin.data.labels import get_scheme
 from fedgin.experiments.overlays import (DPI, OVERLAY_DIR, PANEL_INCHES, annotated_reference, case_mean_dice,
                                          display_window, draw_overlays, first_cases, foreground_slice)
+from fedgin.synthetic import CT_DATASET, MRI_DATASET
 
 METHODS = ("local-ct", "local-mri", "centralized")
 #: The test split of 4 phantoms per site with seed 0: one case each.

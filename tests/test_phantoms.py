@@ -12,6 +12,8 @@ import pytest
 from scipy import ndimage
 
 from fedgin.data.datasets import open_dataset
+from fedgin.data.labels import get_scheme
+from fedgin.errors import DataError, FedginError
 from fedgin.synthetic import (
     CT_DATASET,
     MRI_DATASET,
@@ -20,8 +22,6 @@ from fedgin.synthetic import (
     make_phantom,
     write_phantom_datasets,
 )
-from fedgin.errors import DataError, FedginError
-from fedgin.data.labels import get_scheme
 
 ORGANS = ("liver", "kidney_right", "kidney_left", "spleen", "pancreas", "gallbladder")
 

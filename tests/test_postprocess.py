@@ -22,20 +22,20 @@ import torch.nn.functional as F
 import fedgin.evaluation.scoring
 import fedgin.evaluation.prediction
 from conftest import ORGAN_BOXES, SHAPE
-from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.cli import main
 from fedgin.config import SiteSpec, resolve
+from fedgin.data.labels import get_scheme
 from fedgin.data.preprocess import PreprocessConfig
 from fedgin.data.sites import CaseData
-from fedgin.errors import ModelError
-from fedgin.federated.recorder import RoundRecorder
-from fedgin.federated.task import evaluate_round, site_data, state_to_numpy
-from fedgin.data.labels import get_scheme
+from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.engine.model import ModelConfig, build_model
 from fedgin.engine.postprocess import (PostprocessPlan, candidate_plan, decide_plan, keep_largest_components,
                                 validation_scores)
 from fedgin.engine.runs import decide_postprocessing
 from fedgin.engine.trainer import Trainer
+from fedgin.errors import ModelError
+from fedgin.federated.recorder import RoundRecorder
+from fedgin.federated.task import evaluate_round, site_data, state_to_numpy
 from loopback import tiny_config
 
 ABDOMEN5 = get_scheme("abdomen5")

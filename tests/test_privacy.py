@@ -21,12 +21,12 @@ from flwr.common.serde import recorddict_to_proto
 
 from conftest import write_nnunet
 from fedgin.config import SiteSpec, resolve
+from fedgin.data.labels import get_scheme
 from fedgin.data.nifti import write_volume
-from fedgin.synthetic import write_phantom_datasets
+from fedgin.engine.model import build_model
 from fedgin.federated.client_app import app
 from fedgin.federated.task import run_config_to_json, state_to_numpy
-from fedgin.data.labels import get_scheme
-from fedgin.engine.model import build_model
+from fedgin.synthetic import write_phantom_datasets
 
 ORGANS = get_scheme("abdomen5").organs
 DICE_KEYS = {f"dice-{o}" for o in ORGANS}

@@ -15,14 +15,14 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Mes
 
 from fedgin.augment import RandomIntensity
 from fedgin.config import TrainConfig
-from fedgin.synthetic import write_phantom_datasets
-from fedgin.federated import client_app
-from fedgin.federated.task import run_config_to_json, state_to_numpy, train_round
 from fedgin.data.labels import get_scheme
 from fedgin.engine.losses import view_consistency
 from fedgin.engine.model import build_model
 from fedgin.engine.runs import load_sites, train_non_federated
 from fedgin.engine.trainer import Trainer, poly_lr
+from fedgin.federated import client_app
+from fedgin.federated.task import run_config_to_json, state_to_numpy, train_round
+from fedgin.synthetic import write_phantom_datasets
 from loopback import tiny_config
 
 SCHEME = get_scheme("abdomen5")

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import publish, temp_path
-from .labels import LabelScheme
 from .datasets import CaseRef
+from .labels import LabelScheme
 from .preprocess import Geometry, PreprocessConfig, Preprocessed, preprocess
 
 CACHE_FORMAT = 1

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .labels import LabelScheme
 from .cache import load_case
 from .datasets import CaseRef, Dataset, open_dataset
+from .labels import LabelScheme
 from .preprocess import Geometry, PreprocessConfig
 from .splits import Split, split_for
 

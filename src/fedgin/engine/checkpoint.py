@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from ..atomic import publish, temp_path
+from ..data.labels import LabelScheme, get_scheme
 from ..data.preprocess import PreprocessConfig
 from ..errors import FedginError, ModelError
-from ..data.labels import LabelScheme, get_scheme
 from .model import ModelConfig, build_model
 from .postprocess import PostprocessPlan
 

@@ -27,8 +27,8 @@ import torch
 from scipy import ndimage
 
 from ..atomic import write_text
-from .inference import predict_preprocessed_labels
 from ..data.labels import LabelScheme
+from .inference import predict_preprocessed_labels
 from .metrics import dice_score, mean_sd
 
 if TYPE_CHECKING:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_raw, resolve_checkpoint_path, save_checkpoint
 from ..config import RunConfig
+from ..data.labels import get_scheme
 from ..data.sites import SiteData, load_site
 from ..errors import FedginError
-from ..data.labels import get_scheme
+from .checkpoint import load_raw, resolve_checkpoint_path, save_checkpoint
 from .model import build_model
 from .postprocess import PostprocessPlan, decide_plan, decision_record, validation_scores, write_decision
 from .trainer import EpochResult, Trainer, resolve_device, seed_everything

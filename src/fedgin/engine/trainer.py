@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..augment import GIN, IPA, RandomIntensity
 from ..config import TrainConfig
+from ..data.labels import LabelScheme
 from ..data.sites import CaseData
 from .inference import predict_preprocessed_labels
-from ..data.labels import LabelScheme
-from ..augment import GIN, IPA, RandomIntensity
 from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd
 

@@ -20,14 +20,14 @@ import shutil
 import numpy as np
 
 from ..atomic import write_text
-from ..engine.checkpoint import load_checkpoint
 from ..config import package_versions
 from ..data.datasets import _read_json, normalise_modality
 from ..data.nifti import read_header_info, read_volume, write_volume
 from ..data.preprocess import preprocess
-from ..errors import DataError, FedginError
+from ..engine.checkpoint import load_checkpoint
 from ..engine.inference import predict_labels
 from ..engine.trainer import resolve_device
+from ..errors import DataError, FedginError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 

@@ -17,18 +17,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
-from ..engine.checkpoint import Checkpoint, load_checkpoint
 from ..config import package_versions
 from ..data.cache import load_case
 from ..data.datasets import CaseRef, open_dataset
+from ..data.labels import LabelScheme
 from ..data.nifti import spacing_of
 from ..data.sites import test_refs
 from ..data.splits import split_for
-from ..errors import FedginError
+from ..engine.checkpoint import Checkpoint, load_checkpoint
 from ..engine.inference import predict_labels
-from ..data.labels import LabelScheme
 from ..engine.metrics import case_metrics, mean_sd
 from ..engine.trainer import resolve_device
+from ..errors import FedginError
 
 
 def select_cases(datasets: list[str], scheme: LabelScheme, *, cases: str = "test", seed: int = 0,

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data.check import check_datasets
 from ..config import SiteSpec, resolve
+from ..data.check import check_datasets
+from ..data.labels import get_scheme
 from ..errors import FedginError
 from ..evaluation.scoring import evaluate
-from ..data.labels import get_scheme
 from .run_report import write_run_report
 
 DEMO_ROUNDS = 10
@@ -20,8 +20,8 @@ DEMO_ROUNDS = 10
 
 def run_demo(out: Path, *, seed: int = 0, rounds: int | None = None, log=print) -> Path:
     """Run the demo into ``out``: ``data/``, ``run/``, ``eval/summary.json``, ``report.md``."""
-    from ..synthetic import write_phantom_datasets
     from ..federated.launcher import federate
+    from ..synthetic import write_phantom_datasets
 
     start = time.perf_counter()
     out = Path(out)

@@ -35,9 +35,9 @@ import numpy as np
 
 from ..config import RunConfig, SiteSpec, resolve
 from ..data.datasets import open_dataset
+from ..data.labels import get_scheme
 from ..data.splits import split_for
 from ..errors import FedginError
-from ..data.labels import get_scheme
 from .layout import run_dir
 
 SCENARIOS = ("complete", "limited-1to1", "limited-1to2", "limited-1to5")
@@ -138,9 +138,9 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
     ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images).
     """
+    from ..engine.runs import train_non_federated
     from ..evaluation.scoring import evaluate
     from ..federated.launcher import federate
-    from ..engine.runs import train_non_federated
 
     parsed = [parse_method(m) for m in methods]
     scheme = get_scheme("abdomen5")

@@ -26,15 +26,15 @@ from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from ..atomic import publish, temp_path  # noqa: E402
-from ..engine.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from ..data.cache import load_case  # noqa: E402
 from ..data.datasets import CaseRef  # noqa: E402
+from ..data.labels import LabelScheme  # noqa: E402
 from ..data.preprocess import PreprocessConfig  # noqa: E402
+from ..engine.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from ..engine.inference import predict_preprocessed_labels  # noqa: E402
+from ..engine.trainer import resolve_device  # noqa: E402
 from ..errors import FedginError, ModelError  # noqa: E402
 from ..evaluation.scoring import select_cases  # noqa: E402
-from ..engine.inference import predict_preprocessed_labels  # noqa: E402
-from ..data.labels import LabelScheme  # noqa: E402
-from ..engine.trainer import resolve_device  # noqa: E402
 from .layout import OVERLAY_DIR, run_dir  # noqa: E402
 
 #: Each panel is PANEL_INCHES x PANEL_INCHES at DPI: a PNG is ``panels x 300`` pixels wide.

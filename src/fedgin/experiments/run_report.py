@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..evaluation.scoring import summary_markdown  # noqa: E402
 from ..data.labels import get_scheme  # noqa: E402
+from ..evaluation.scoring import summary_markdown  # noqa: E402
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -9,8 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import FedginError
 from ..engine.runs import check_resumable, load_sites, prepare_run_dir
+from ..errors import FedginError
 
 # Telemetry off and no runtime dependency installation, before Flower is imported.
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.checkpoint import load_raw, save_checkpoint
 from ..config import RunConfig
 from ..data.labels import get_scheme
+from ..engine.checkpoint import load_raw, save_checkpoint
 from ..engine.postprocess import PostprocessPlan, decide_plan, decision_record, write_decision
 from ..engine.runs import MetricsLog
 from .task import nan_weighted_mean, numpy_to_state

@@ -20,8 +20,8 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, SiteSpec, resolve
-from ..errors import FedginError
 from ..engine.model import build_model
+from ..errors import FedginError
 from .recorder import RoundRecorder
 from .strategy import make_strategy
 from .task import norm_layer_keys, run_config_to_json, state_to_numpy

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, SiteSpec
-from ..data.sites import SiteData, load_site
 from ..data.labels import get_scheme
+from ..data.sites import SiteData, load_site
 from ..engine.model import build_model
 from ..engine.postprocess import validation_scores
 from ..engine.trainer import Trainer, resolve_device, seed_everything
