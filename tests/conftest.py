@@ -7,6 +7,10 @@ Fixtures (all function-scoped):
   ``imagesTs/``, optional ``manifest.json``) of small phantom volumes; see :func:`write_nnunet`.
 - ``phantom``: :func:`phantom_case`, image + label arrays with one box per organ.
 - ``shared_data``: ``../shared/data/abdomen-ct-mr`` beside the checkout, or the test is skipped.
+- ``phantom_datasets(n_ct, n_mri, seed=0, mri_partial=False) -> (ct, mri)`` (session-scoped): the
+  generator's CT and MRI datasets, written once per session (per xdist worker) for each argument
+  set and shared by every module that asks for it. Read only: a test that damages a file copies
+  the datasets into its own ``tmp_path`` first (:func:`copy_sites`).
 - ``FEDGIN_CACHE_DIR`` points at a fresh temporary folder in every test (autouse), so no test reads
   or writes ``~/.cache/fedgin``.
 - torch's process-wide state (thread count, deterministic algorithms), which ``--threads``, the
@@ -17,6 +21,8 @@ Fixtures (all function-scoped):
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -25,7 +31,7 @@ import pytest
 import torch
 
 from fedgin.data.nifti import write_volume
-from fedgin.synthetic import PHANTOM_LABELS
+from fedgin.synthetic import PHANTOM_LABELS, write_phantom_datasets
 
 #: The label map of the shared bundle and of most fixtures (the phantoms use the same table).
 ABDOMEN_LABELS: dict[str, int] = dict(PHANTOM_LABELS)
@@ -154,12 +160,42 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def phantom_datasets(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
+    """``phantom_datasets(n_ct, n_mri, seed=0, mri_partial=False) -> (ct, mri)``: phantom datasets
+    written once per session for each argument set (read only; see :func:`copy_sites`)."""
+    written: dict[tuple, tuple[Path, Path]] = {}
+
+    def get(n_ct: int, n_mri: int, seed: int = 0, mri_partial: bool = False) -> tuple[Path, Path]:
+        key = (n_ct, n_mri, seed, mri_partial)
+        if key not in written:
+            root = tmp_path_factory.mktemp(f"phantoms-{n_ct}ct-{n_mri}mri-seed{seed}{'-partial' * mri_partial}")
+            ct, mri = write_phantom_datasets(root, n_ct=n_ct, n_mri=n_mri, seed=seed, mri_partial=mri_partial)
+            written[key] = (Path(ct), Path(mri))
+        return written[key]
+
+    return get
+
+
+def copy_sites(sites: Iterable[Path], dest: Path) -> list[Path]:
+    """Copies of shared phantom datasets under ``dest``, for a test that changes their files."""
+    return [Path(shutil.copytree(site, dest / site.name)) for site in sites]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own empty ``FEDGIN_CACHE_DIR``; ``~/.cache`` is never touched."""
     cache = tmp_path_factory.mktemp("fedgin-cache")
     monkeypatch.setenv("FEDGIN_CACHE_DIR", str(cache))
     return cache
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs 2 workers) each worker gets its share of the cores
+    as torch threads, so two workers training at once do not oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def _torch_state() -> tuple[int, bool, bool]:

@@ -13,7 +13,6 @@ import torch
 from conftest import write_nnunet
 from fedgin.cli import main
 from fedgin.engine.checkpoint import load_checkpoint
-from fedgin.synthetic import write_phantom_datasets
 
 TINY = ["--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
 
@@ -54,8 +53,8 @@ def test_train_local_is_repeatable_with_a_seed(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_federate_is_repeatable_with_a_seed(tmp_path, capsys):
-    ct, mri = write_phantom_datasets(tmp_path / "data", n_ct=4, n_mri=4, seed=0)
+def test_federate_is_repeatable_with_a_seed(tmp_path, capsys, phantom_datasets):
+    ct, mri = phantom_datasets(4, 4)
     cache = tmp_path / "cache"
 
     def federate(name: str) -> Path:

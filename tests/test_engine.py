@@ -89,12 +89,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> tuple[Path, Path]:
+def sites(phantom_datasets) -> tuple[Path, Path]:
     """4 CT + 4 MRI phantom cases (split: 2 train, 1 val, 1 test each); MRI lacks pancreas and
     gallbladder annotations (``fedgin phantoms --mri-partial``)."""
-    root = tmp_path_factory.mktemp("phantoms")
-    assert main(["phantoms", "--out", str(root), "--ct", "4", "--mri", "4", "--seed", "0", "--mri-partial"]) == 0
-    return root / CT_DATASET, root / MRI_DATASET
+    return phantom_datasets(4, 4, mri_partial=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from fedgin.cli import main
 from fedgin.config import SiteSpec
 from fedgin.errors import FedginError
 from fedgin.experiments.experiment import aggregate, parse_method, scenario_train_cases
-from fedgin.synthetic import write_phantom_datasets
 
 METHODS = ("local-ct", "local-ct+ipa", "local-mri")
 SCENARIOS = ("complete", "limited-1to2")
@@ -58,9 +57,8 @@ def test_unknown_method_names_are_refused(name):
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> tuple[Path, Path]:
-    ct, mri = write_phantom_datasets(tmp_path_factory.mktemp("phantoms"), n_ct=4, n_mri=4, seed=0)
-    return ct, mri
+def sites(phantom_datasets) -> tuple[Path, Path]:
+    return phantom_datasets(4, 4)
 
 
 def test_limited_scenarios_keep_one_mri_case_per_k_ct_cases(sites):

@@ -36,6 +36,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import copy_sites
 from fedgin.cli import main
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.datasets import open_dataset
@@ -46,7 +47,6 @@ from fedgin.engine.model import build_model
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
-from fedgin.synthetic import write_phantom_datasets
 from loopback import Loopback, alive, crash, metrics_lines, stop, tiny_config, wait
 
 SCHEME = get_scheme("abdomen5")
@@ -54,9 +54,9 @@ MODALITIES = {"ct": "CT", "mri": "MRI"}
 
 
 @pytest.fixture
-def sites(tmp_path) -> dict[str, Path]:
+def sites(tmp_path, phantom_datasets) -> dict[str, Path]:
     """A CT and an MRI phantom site of 3 cases each (2 training, 1 test), this test's own copy."""
-    ct, mri = write_phantom_datasets(tmp_path / "data", 3, 3, seed=0)
+    ct, mri = copy_sites(phantom_datasets(3, 3), tmp_path / "data")
     return {"ct": ct, "mri": mri}
 
 

@@ -33,7 +33,6 @@ from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.server_app import config_from_run_config
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
-from fedgin.synthetic import write_phantom_datasets
 from loopback import BIN, REPO, TINY, Loopback, tiny_config
 from loopback import alive as _alive
 from loopback import stop as _stop
@@ -48,9 +47,9 @@ EVALUATE_METRICS = {"num-examples", "modality", "site-index", *(f"dice-{o}" for 
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> dict[str, Path]:
+def sites(phantom_datasets) -> dict[str, Path]:
     """A CT and an MRI phantom site of 4 cases each (2 training, 1 validation, 1 test)."""
-    ct, mri = write_phantom_datasets(tmp_path_factory.mktemp("phantoms"), n_ct=4, n_mri=4, seed=0)
+    ct, mri = phantom_datasets(4, 4)
     return {"ct": ct, "mri": mri}
 
 

@@ -18,7 +18,6 @@ import pytest
 from fedgin.config import SiteSpec, resolve
 from fedgin.engine.runs import train_non_federated
 from fedgin.evaluation.scoring import evaluate
-from fedgin.synthetic import write_phantom_datasets
 
 #: The recipe that must learn: GIN off (it slows learning on purpose) and no augmentation, so the
 #: bound on steps measures the engine; everything else is the quick preset's.
@@ -30,10 +29,10 @@ ORGANS = ("liver", "kidneys", "spleen")
 
 
 @pytest.fixture(scope="module")
-def one_case_sites(tmp_path_factory) -> dict[str, Path]:
+def one_case_sites(phantom_datasets) -> dict[str, Path]:
     """One CT and one MRI phantom case; a dataset this small has no validation or test case, so
     the case trains and is then scored."""
-    ct, mri = write_phantom_datasets(tmp_path_factory.mktemp("one-case"), n_ct=1, n_mri=1, seed=3)
+    ct, mri = phantom_datasets(1, 1, 3)
     return {"ct": ct, "mri": mri}
 
 

@@ -22,7 +22,6 @@ from fedgin.data.datasets import CaseRef
 from fedgin.data.labels import get_scheme
 from fedgin.experiments.overlays import (DPI, OVERLAY_DIR, PANEL_INCHES, annotated_reference, case_mean_dice,
                                          display_window, draw_overlays, first_cases, foreground_slice)
-from fedgin.synthetic import CT_DATASET, MRI_DATASET
 
 METHODS = ("local-ct", "local-mri", "centralized")
 #: The test split of 4 phantoms per site with seed 0: one case each.
@@ -30,10 +29,8 @@ PNGS = ["complete_phantom_ct_002.png", "complete_phantom_mr_002.png"]
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("phantoms")
-    assert main(["phantoms", "--out", str(root), "--ct", "4", "--mri", "4", "--seed", "0", "--mri-partial"]) == 0
-    return root / CT_DATASET, root / MRI_DATASET
+def sites(phantom_datasets) -> tuple[Path, Path]:
+    return phantom_datasets(4, 4, mri_partial=True)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from fedgin.data.nifti import write_volume
 from fedgin.engine.model import build_model
 from fedgin.federated.client_app import app
 from fedgin.federated.task import run_config_to_json, state_to_numpy
-from fedgin.synthetic import write_phantom_datasets
 
 ORGANS = get_scheme("abdomen5").organs
 DICE_KEYS = {f"dice-{o}" for o in ORGANS}
@@ -35,10 +34,9 @@ EVALUATE_METRICS = {"num-examples", "modality", "site-index"} | DICE_KEYS | {f"d
 
 
 @pytest.fixture(scope="module")
-def phantom_sites(tmp_path_factory) -> tuple[Path, Path]:
+def phantom_sites(phantom_datasets) -> tuple[Path, Path]:
     """4 CT cases (2 train, 1 validation, 1 test) and 3 MRI cases (2 train, no validation)."""
-    ct, mri = write_phantom_datasets(tmp_path_factory.mktemp("sites"), n_ct=4, n_mri=3, seed=0)
-    return ct, mri
+    return phantom_datasets(4, 3)
 
 
 @pytest.fixture(scope="module")
