@@ -263,11 +263,11 @@ def test_evaluate_writes_summary_csv_and_markdown(capsys, tmp_path, sites, ct_mo
                 assert m["dice"] is None or 0.0 <= m["dice"] <= 1.0
                 assert m["hd95"] is None or m["hd95"] >= 0.0
             else:
-                assert m == {"dice": None, "hd95": None}
+                assert m == {"dice": None, "hd95": None, "missed": None, "false_positive": None}
     mri_case = next(c for c in cases if c["modality"] == "MRI")
     assert set(mri_case["annotated"]) == {"liver", "kidneys", "spleen"}
-    assert mri_case["metrics"]["pancreas"] == {"dice": None, "hd95": None}
-    assert mri_case["metrics"]["gallbladder"] == {"dice": None, "hd95": None}
+    assert mri_case["metrics"]["pancreas"] == {"dice": None, "hd95": None, "missed": None, "false_positive": None}
+    assert mri_case["metrics"]["gallbladder"] == {"dice": None, "hd95": None, "missed": None, "false_positive": None}
 
     by_modality = summary["by_modality"]
     assert {"CT", "MRI"} <= set(by_modality)
@@ -284,10 +284,11 @@ def test_evaluate_writes_summary_csv_and_markdown(capsys, tmp_path, sites, ct_mo
     for r in rows:
         if r["modality"] == "MRI" and r["organ"] in ("pancreas", "gallbladder"):
             assert r["annotated"] == "False" and r["dice"] == "" and r["hd95"] == ""
+            assert r["missed"] == "" and r["false_positive"] == ""
 
     markdown = (out / "summary.md").read_text()
     assert "## CT (1 cases)" in markdown and "## MRI (1 cases)" in markdown
-    assert "| pancreas | - | - | 0 |" in markdown  # under MRI
+    assert "| pancreas | - | - | 0 | 0 | 0 |" in markdown  # under MRI
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -314,12 +315,12 @@ def test_evaluate_scores_a_perfect_prediction_as_dice_1_and_hd95_0(capsys, tmp_p
     per_case = {c["case"]: c["metrics"] for c in summary["metric_per_case"]}
     assert set(per_case) == {"full", "no_gallbladder", "partial"}
     for organ in ABDOMEN5:
-        assert per_case["full"][organ] == {"dice": 1.0, "hd95": 0.0}, organ
-    assert per_case["no_gallbladder"]["gallbladder"] == {"dice": None, "hd95": None}  # absent from both
-    assert per_case["no_gallbladder"]["pancreas"] == {"dice": 1.0, "hd95": 0.0}
-    assert per_case["partial"]["liver"] == {"dice": 1.0, "hd95": 0.0}
-    assert per_case["partial"]["kidneys"] == {"dice": 1.0, "hd95": 0.0}
-    assert per_case["partial"]["pancreas"] == {"dice": None, "hd95": None}  # not annotated
+        assert per_case["full"][organ] == {"dice": 1.0, "hd95": 0.0, "missed": False, "false_positive": False}, organ
+    assert per_case["no_gallbladder"]["gallbladder"] == {"dice": None, "hd95": None, "missed": False, "false_positive": False}  # absent from both
+    assert per_case["no_gallbladder"]["pancreas"] == {"dice": 1.0, "hd95": 0.0, "missed": False, "false_positive": False}
+    assert per_case["partial"]["liver"] == {"dice": 1.0, "hd95": 0.0, "missed": False, "false_positive": False}
+    assert per_case["partial"]["kidneys"] == {"dice": 1.0, "hd95": 0.0, "missed": False, "false_positive": False}
+    assert per_case["partial"]["pancreas"] == {"dice": None, "hd95": None, "missed": None, "false_positive": None}  # not annotated
     by = summary["by_modality"]
     assert by["CT"]["mean_dice"] == 1.0 and by["MRI"]["mean_dice"] == 1.0
     assert by["CT"]["gallbladder"]["dice"] == {"mean": 1.0, "sd": 0.0, "n": 1}

@@ -96,7 +96,8 @@ def test_the_grid_writes_one_row_per_scenario_method_seed_case_organ(grid):
     out, _ = grid
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95"]
+    assert list(rows[0]) == ["scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95", "missed",
+                            "false_positive"]
     assert {(r["scenario"], r["method"]) for r in rows} == {(s, m) for s in SCENARIOS for m in METHODS}
     # every model scored on the same test cases: one CT and one MRI phantom with seed 0
     cases: dict[tuple[str, str], set[str]] = {}
@@ -107,6 +108,15 @@ def test_the_grid_writes_one_row_per_scenario_method_seed_case_organ(grid):
     assert table["scenarios"] == list(SCENARIOS) and table["methods"] == list(METHODS)
     report = (out / "report.md").read_text()
     assert "## complete" in report and "## limited-1to2" in report and "local-ct+ipa" in report
+    assert "| mean | HD95 mean (mm) | missed / FP |" in report
+    # each organ's misses and false positives are counted over the annotated test cases
+    for modality in ("CT", "MRI"):
+        liver = [r for r in rows if r["scenario"] == "complete" and r["method"] == "local-ct"
+                 and r["modality"] == modality and r["organ"] == "liver" and r["missed"] != ""]
+        outcomes = table["table"]["complete"]["local-ct"][modality]["liver"]["outcomes"]
+        assert outcomes["annotated"] == len(liver) >= 1
+        assert outcomes["missed"] == sum(r["missed"] == "True" for r in liver)
+        assert outcomes["false_positives"] == sum(r["false_positive"] == "True" for r in liver)
 
 
 def test_ct_only_runs_are_trained_once_and_copied_into_the_limited_scenario(grid):
@@ -171,3 +181,18 @@ def test_aggregate_gives_mean_and_sd_over_seeds_of_per_seed_means():
     assert table["spleen"]["dice"] == pytest.approx({"mean": 0.5, "sd": 0.1414, "seeds": 2}, abs=1e-4)
     # per seed: (0.7 + 0.4) / 2 = 0.55 and (0.9 + 0.6) / 2 = 0.75
     assert table["mean"]["dice"] == pytest.approx({"mean": 0.65, "sd": 0.1414, "seeds": 2}, abs=1e-4)
+    # rows of runs scored before misses were recorded count nothing
+    assert table["liver"]["outcomes"] == {"missed": 0, "false_positives": 0, "annotated": 0}
+
+
+def test_aggregate_counts_misses_and_false_positives_over_seeds_and_cases():
+    def row(seed, case, organ, dice, missed, fp):
+        return {"scenario": "complete", "method": "fedgin", "seed": seed, "modality": "CT", "case": case,
+                "organ": organ, "dice": dice, "hd95": None, "missed": missed, "false_positive": fp}
+
+    rows = [row(0, "a", "liver", 0.0, True, False), row(0, "b", "liver", 0.9, False, False),
+            row(1, "a", "liver", 0.0, True, False), row(1, "b", "liver", 0.0, False, True),
+            row(0, "a", "spleen", None, None, None)]  # not annotated: not counted
+    table = aggregate(rows)["complete"]["fedgin"]["CT"]
+    assert table["liver"]["outcomes"] == {"missed": 2, "false_positives": 1, "annotated": 4}
+    assert table["spleen"]["outcomes"] == {"missed": 0, "false_positives": 0, "annotated": 0}

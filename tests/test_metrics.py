@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from fedgin.engine.metrics import case_metrics, dice_score, hd95_mm, mean_sd
+from fedgin.data.labels import get_scheme
+from fedgin.engine.metrics import case_metrics, dice_score, hd95_mm, mean_sd, outcome_counts
+from fedgin.evaluation.scoring import summarise, summary_markdown
 
 
 def test_dice_known_values():
@@ -36,10 +38,50 @@ def test_case_metrics_null_rules():
     organs = {"liver": 1, "kidneys": 2, "spleen": 3}
     out = case_metrics(pred, ref, organs, annotated=("liver", "spleen"), spacing=(1.0, 1.0, 1.0))
     assert out["liver"]["dice"] == 1.0
-    assert out["kidneys"] == {"dice": None, "hd95": None}  # not annotated
-    assert out["spleen"] == {"dice": None, "hd95": None}  # absent from both
+    assert out["kidneys"] == {"dice": None, "hd95": None, "missed": None, "false_positive": None}  # not annotated
+    assert out["spleen"] == {"dice": None, "hd95": None, "missed": False, "false_positive": False}  # absent from both
 
 
 def test_mean_sd_skips_nulls():
     assert mean_sd([1.0, None, 0.5]) == {"mean": 0.75, "sd": pytest.approx(0.353553, abs=1e-6), "n": 2}
     assert mean_sd([None]) == {"mean": None, "sd": None, "n": 0}
+
+
+def test_a_missed_organ_and_a_false_positive_are_flagged_and_counted():
+    """A missed organ has no HD95, so it would drop out of the HD95 mean unseen: it is flagged, as is
+    an organ predicted where the reference has none, and ``outcome_counts`` counts both."""
+    ref = np.zeros((8, 8, 4), np.uint8)
+    ref[1:4, 1:4] = 1  # liver in the reference, never predicted
+    pred = np.zeros_like(ref)
+    pred[5:7, 5:7] = 3  # spleen predicted, absent from the reference
+    organs = {"liver": 1, "kidneys": 2, "spleen": 3}
+    out = case_metrics(pred, ref, organs, annotated=("liver", "kidneys", "spleen"), spacing=(1.0, 1.0, 1.0))
+    assert out["liver"] == {"dice": 0.0, "hd95": None, "missed": True, "false_positive": False}
+    assert out["spleen"] == {"dice": 0.0, "hd95": None, "missed": False, "false_positive": True}
+    assert out["kidneys"] == {"dice": None, "hd95": None, "missed": False, "false_positive": False}
+    hit = case_metrics(ref, ref, organs, annotated=("liver",), spacing=(1.0, 1.0, 1.0))["liver"]
+    not_annotated = case_metrics(ref, ref, organs, annotated=("liver",), spacing=(1.0, 1.0, 1.0))["spleen"]
+    assert outcome_counts([out["liver"], hit, not_annotated]) == {"missed": 1, "false_positives": 0, "annotated": 2}
+    assert outcome_counts([out["spleen"], out["kidneys"]]) == {"missed": 0, "false_positives": 1, "annotated": 2}
+
+
+def test_summaries_count_misses_and_false_positives_beside_the_means():
+    scheme = get_scheme("abdomen5")
+    none = {"dice": None, "hd95": None, "missed": None, "false_positive": None}
+
+    def case(name, liver, spleen):
+        metrics = {organ: dict(none) for organ in scheme.organs}
+        metrics.update(liver=liver, spleen=spleen)
+        return {"case": name, "dataset": "d", "modality": "MRI", "annotated": ["liver", "spleen"], "metrics": metrics}
+
+    hit = {"dice": 0.9, "hd95": 4.0, "missed": False, "false_positive": False}
+    missed = {"dice": 0.0, "hd95": None, "missed": True, "false_positive": False}
+    fp = {"dice": 0.0, "hd95": None, "missed": False, "false_positive": True}
+    summary = {"by_modality": summarise([case("a", hit, fp), case("b", missed, hit), case("c", missed, hit)], scheme)}
+    liver, spleen = summary["by_modality"]["MRI"]["liver"], summary["by_modality"]["MRI"]["spleen"]
+    assert liver["hd95"]["n"] == 1 and (liver["missed"], liver["false_positives"], liver["annotated"]) == (2, 0, 3)
+    assert (spleen["missed"], spleen["false_positives"], spleen["annotated"]) == (0, 1, 3)
+    markdown = summary_markdown(summary, scheme)
+    assert "| organ | Dice | HD95 (mm) | missed | FP | n |" in markdown
+    assert "| liver | 0.300 ± 0.520 | 4.0 ± 0.0 | 2 | 0 | 3 |" in markdown
+    assert "| spleen | 0.600 ± 0.520 | 4.0 ± 0.0 | 0 | 1 | 3 |" in markdown

@@ -259,7 +259,7 @@ def test_evaluate_scores_the_postprocessed_prediction(capsys, tmp_path, make_nnu
                      "--cases", "all")
     assert rc == 0, err
     summary = json.loads((tmp_path / "pp" / "summary.json").read_text())
-    assert summary["metric_per_case"][0]["metrics"]["liver"] == {"dice": 1.0, "hd95": 0.0}
+    assert summary["metric_per_case"][0]["metrics"]["liver"] == {"dice": 1.0, "hd95": 0.0, "missed": False, "false_positive": False}
     assert summary["arguments"]["postprocess"] is True
     assert summary["arguments"]["postprocess_plan"]["keep_largest_components"] == {"liver": 1}
 

@@ -3,7 +3,7 @@
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .inference import predict_labels, predict_preprocessed_labels, predict_probs
 from .losses import PartialLabelDiceCELoss, view_consistency
-from .metrics import case_metrics, dice_score, hd95_mm, mean_sd
+from .metrics import case_metrics, dice_score, hd95_mm, mean_sd, outcome_counts
 from .model import ModelConfig, build_model
 from .postprocess import PostprocessPlan, decide_plan, keep_largest_components
 from .runs import train_non_federated
@@ -24,6 +24,7 @@ __all__ = [
     "keep_largest_components",
     "load_checkpoint",
     "mean_sd",
+    "outcome_counts",
     "predict_labels",
     "predict_preprocessed_labels",
     "predict_probs",

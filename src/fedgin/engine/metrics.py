@@ -2,7 +2,9 @@
 
 An organ that the case does not annotate, or that is absent from both prediction and reference, is
 ``None`` (null in JSON), never 1.0 or 0.0. HD95 is also None when only one side is empty (the
-distance is undefined); Dice is 0.0 then.
+distance is undefined); Dice is 0.0 then. Because a missed organ would thus drop out of the HD95
+mean, every annotated organ also says whether it was ``missed`` (in the reference, not predicted)
+or a ``false_positive`` (predicted, not in the reference); summaries count both beside the means.
 """
 
 from __future__ import annotations
@@ -39,18 +41,30 @@ def case_metrics(
     *,
     with_hd95: bool = True,
 ) -> dict[str, dict[str, float | None]]:
-    """``{organ: {"dice": .., "hd95": ..}}`` for one case; label maps share one grid."""
+    """``{organ: {"dice", "hd95", "missed", "false_positive"}}`` for one case (all None for an
+    organ the case does not annotate); label maps share one grid."""
     out = {}
     for organ, idx in organs.items():
         if organ not in annotated:
-            out[organ] = {"dice": None, "hd95": None}
+            out[organ] = {"dice": None, "hd95": None, "missed": None, "false_positive": None}
             continue
         p, r = pred == idx, ref == idx
+        predicted, present = bool(p.any()), bool(r.any())
         out[organ] = {
             "dice": dice_score(p, r),
-            "hd95": hd95_mm(p, r, spacing) if with_hd95 else None,
+            "hd95": hd95_mm(p, r, spacing) if with_hd95 and predicted and present else None,
+            "missed": present and not predicted,
+            "false_positive": predicted and not present,
         }
     return out
+
+
+def outcome_counts(metrics: list[dict]) -> dict[str, int]:
+    """How many of the per-case ``metrics`` of one organ are misses and false positives, out of how
+    many cases annotate it."""
+    scored = [m for m in metrics if m.get("missed") is not None]
+    return {"missed": sum(bool(m["missed"]) for m in scored),
+            "false_positives": sum(bool(m["false_positive"]) for m in scored), "annotated": len(scored)}
 
 
 def mean_sd(values: list[float | None]) -> dict[str, float | int | None]:

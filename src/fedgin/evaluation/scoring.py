@@ -26,7 +26,7 @@ from ..data.sites import test_refs
 from ..data.splits import split_for
 from ..engine.checkpoint import Checkpoint, load_checkpoint
 from ..engine.inference import predict_labels
-from ..engine.metrics import case_metrics, mean_sd
+from ..engine.metrics import case_metrics, mean_sd, outcome_counts
 from ..engine.trainer import resolve_device
 from ..errors import FedginError
 
@@ -51,7 +51,7 @@ def select_cases(datasets: list[str], scheme: LabelScheme, *, cases: str = "test
 
 def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.device | None = None,
                    cache_dir: Path | None = None, with_hd95: bool = True, postprocess: bool = True) -> list[dict]:
-    """One record per case: id, dataset, modality, and ``{organ: {dice, hd95}}``; ``postprocess``
+    """One record per case: id, dataset, modality, and ``{organ: {dice, hd95, missed, false_positive}}``; ``postprocess``
     applies the checkpoint's post-processing plan to each prediction."""
     device = device or resolve_device()
     model = ckpt.build(device)
@@ -72,7 +72,8 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
 
 
 def summarise(records: list[dict], scheme: LabelScheme) -> dict:
-    """Mean and sd per organ per modality (and over all cases), ignoring nulls."""
+    """Mean and sd per organ per modality (and over all cases), ignoring nulls, and per organ the
+    count of misses and false positives among the cases that annotate it."""
     groups: dict[str, list[dict]] = {"all": records}
     for r in records:
         groups.setdefault(r["modality"], []).append(r)
@@ -80,7 +81,9 @@ def summarise(records: list[dict], scheme: LabelScheme) -> dict:
     for name, rows in groups.items():
         out[name] = {}
         for organ in scheme.organs:
-            out[name][organ] = {m: mean_sd([r["metrics"][organ][m] for r in rows]) for m in ("dice", "hd95")}
+            metrics = [r["metrics"][organ] for r in rows]
+            out[name][organ] = {**{m: mean_sd([x[m] for x in metrics]) for m in ("dice", "hd95")},
+                                **outcome_counts(metrics)}
         means = [out[name][o]["dice"]["mean"] for o in scheme.organs if out[name][o]["dice"]["mean"] is not None]
         out[name]["mean_dice"] = sum(means) / len(means) if means else None
         out[name]["cases"] = len(rows)
@@ -94,16 +97,21 @@ def _fmt(stat: dict, digits: int = 3) -> str:
 
 
 def summary_markdown(summary: dict, scheme: LabelScheme, title: str = "Evaluation") -> str:
-    lines = [f"# {title}", "", "Per-case 3D Dice and HD95 (mm), mean ± sd over cases; '-' = no annotated case.", ""]
+    lines = [f"# {title}", "", "Per-case 3D Dice and HD95 (mm), mean ± sd over cases; '-' = no annotated case. "
+             "HD95 is undefined where one side is empty, so its mean leaves out the organs counted in "
+             "*missed* (in the reference, not predicted) and *FP* (predicted, absent from the reference); "
+             "n: cases that annotate the organ.", ""]
     for modality, stats in summary["by_modality"].items():
         if modality == "all":
             continue
-        lines += [f"## {modality} ({stats['cases']} cases)", "", "| organ | Dice | HD95 (mm) | n |", "|---|---|---|---|"]
+        lines += [f"## {modality} ({stats['cases']} cases)", "", "| organ | Dice | HD95 (mm) | missed | FP | n |",
+                  "|---|---|---|---|---|---|"]
         for organ in scheme.organs:
             s = stats[organ]
-            lines.append(f"| {organ} | {_fmt(s['dice'])} | {_fmt(s['hd95'], 1)} | {s['dice']['n']} |")
+            lines.append(f"| {organ} | {_fmt(s['dice'])} | {_fmt(s['hd95'], 1)} | {s['missed']} | "
+                         f"{s['false_positives']} | {s['annotated']} |")
         md = stats["mean_dice"]
-        lines += [f"| **mean** | **{md:.3f}** | | |" if md is not None else "| mean | - | | |", ""]
+        lines += [f"| **mean** | **{md:.3f}** | | | | |" if md is not None else "| mean | - | | | | |", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -126,17 +134,19 @@ def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dic
         "arguments": args,
         "versions": package_versions(),
         "null_means": "organ not annotated in the case, or absent from both prediction and reference "
-                      "(HD95 also when either side is empty)",
+                      "(HD95 also when either side is empty: see missed and false_positive)",
     }
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["case", "dataset", "modality", "organ", "annotated", "dice", "hd95"])
+    writer.writerow(["case", "dataset", "modality", "organ", "annotated", "dice", "hd95", "missed", "false_positive"])
     for r in records:
         for organ, m in r["metrics"].items():
             writer.writerow([r["case"], r["dataset"], r["modality"], organ, organ in r["annotated"],
                              "" if m["dice"] is None else f"{m['dice']:.6f}",
-                             "" if m["hd95"] is None else f"{m['hd95']:.4f}"])
+                             "" if m["hd95"] is None else f"{m['hd95']:.4f}",
+                             "" if m.get("missed") is None else m["missed"],
+                             "" if m.get("false_positive") is None else m["false_positive"]])
     write_text(out / "metrics.csv", buf.getvalue())
     write_text(out / "summary.md", summary_markdown(summary, ckpt.scheme))
     return summary

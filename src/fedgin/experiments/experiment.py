@@ -288,7 +288,8 @@ def collect_rows(out: Path, scenarios: list[str], methods: list[str], seeds: int
                     for organ, m in case["metrics"].items():
                         rows.append({"scenario": scenario, "method": method, "seed": seed,
                                      "modality": case["modality"], "case": case["case"], "organ": organ,
-                                     "dice": m["dice"], "hd95": m["hd95"]})
+                                     "dice": m["dice"], "hd95": m["hd95"], "missed": m.get("missed"),
+                                     "false_positive": m.get("false_positive")})
     return rows
 
 
@@ -301,11 +302,19 @@ def _over_seeds(seed_means: list[float]) -> dict:
 
 
 def aggregate(rows: list[dict]) -> dict:
-    """Mean +- sd over seeds of the per-seed mean over cases, per scenario/method/modality/organ;
+    """Mean +- sd over seeds of the per-seed mean over cases, per scenario/method/modality/organ,
+    with the misses and false positives counted over all seeds' cases (``outcomes``);
     ``mean``: mean +- sd over seeds of each seed's mean Dice over the scored organs."""
     table: dict = {}
     groups: dict[tuple, dict[int, list[float]]] = {}
+    outcomes: dict[tuple, dict[str, int]] = {}
     for r in rows:
+        if r.get("missed") is not None:
+            counts = outcomes.setdefault((r["scenario"], r["method"], r["modality"], r["organ"]),
+                                         {"missed": 0, "false_positives": 0, "annotated": 0})
+            counts["missed"] += bool(r["missed"])
+            counts["false_positives"] += bool(r["false_positive"])
+            counts["annotated"] += 1
         for metric in ("dice", "hd95"):
             if r[metric] is not None:
                 key = (r["scenario"], r["method"], r["modality"], r["organ"], metric)
@@ -315,6 +324,8 @@ def aggregate(rows: list[dict]) -> dict:
         per_metric = {metric: _over_seeds([float(np.mean(v)) for v in
                                            groups.get((scenario, method, modality, organ, metric), {}).values()])
                       for metric in ("dice", "hd95")}
+        per_metric["outcomes"] = outcomes.get((scenario, method, modality, organ),
+                                              {"missed": 0, "false_positives": 0, "annotated": 0})
         table.setdefault(scenario, {}).setdefault(method, {}).setdefault(modality, {})[organ] = per_metric
     for scenario, methods in table.items():
         for method, modalities in methods.items():
@@ -334,11 +345,14 @@ def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: in
 
     rows = collect_rows(out, scenarios, methods, seeds)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95"])
+    writer = csv.DictWriter(buf, fieldnames=["scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95",
+                                             "missed", "false_positive"])
     writer.writeheader()
     for r in rows:
         writer.writerow({**r, "dice": "" if r["dice"] is None else f"{r['dice']:.6f}",
-                         "hd95": "" if r["hd95"] is None else f"{r['hd95']:.4f}"})
+                         "hd95": "" if r["hd95"] is None else f"{r['hd95']:.4f}",
+                         "missed": "" if r.get("missed") is None else r["missed"],
+                         "false_positive": "" if r.get("false_positive") is None else r["false_positive"]})
     (out / "results.csv").write_text(buf.getvalue())
     table = aggregate(rows)
     (out / "results.json").write_text(json.dumps({"scenarios": scenarios, "methods": methods, "seeds": seeds,

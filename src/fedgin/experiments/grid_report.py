@@ -147,6 +147,14 @@ def overlay_lines(out: Path, scenarios: list[str], overlays: bool) -> list[str]:
     return lines
 
 
+def _outcome_cell(organs: dict, scheme) -> str:
+    """Misses / false positives summed over the scheme's organs (over seeds and test cases)."""
+    counts = [organs[o]["outcomes"] for o in scheme.organs if o in organs and "outcomes" in organs[o]]
+    if not sum(c["annotated"] for c in counts):  # runs evaluated before misses were recorded
+        return "-"
+    return f"{sum(c['missed'] for c in counts)} / {sum(c['false_positives'] for c in counts)}"
+
+
 def write_experiment_report(out: Path, scenarios: list[str], methods: list[str], seeds: int, table: dict,
                             notes: list[str] | None = None, overlays: bool = True) -> Path:
     scheme = get_scheme("abdomen5")
@@ -159,12 +167,14 @@ def write_experiment_report(out: Path, scenarios: list[str], methods: list[str],
     lines += notes or []
     lines += [SCORED_CHECKPOINT, ""]
     lines += [f"Test-set Dice per organ (mean over test cases, then mean ± sd over {seeds} seed(s)); "
-              "'-' = not annotated in any test case.", ""]
+              "'-' = not annotated in any test case. *missed / FP*: organs in the reference but not predicted / "
+              "predicted but absent from the reference, counted over all seeds' test cases (HD95 is undefined "
+              "for them, so its mean leaves them out).", ""]
     for scenario in scenarios:
         lines += [f"## {scenario}", ""]
         for modality in ("CT", "MRI"):
-            lines += [f"### {modality}", "", "| method | " + " | ".join(scheme.organs) + " | mean | HD95 mean (mm) |",
-                      "|---" * (len(scheme.organs) + 3) + "|"]
+            lines += [f"### {modality}", "", "| method | " + " | ".join(scheme.organs)
+                      + " | mean | HD95 mean (mm) | missed / FP |", "|---" * (len(scheme.organs) + 4) + "|"]
             for method in methods:
                 organs = table.get(scenario, {}).get(method, {}).get(modality)
                 if not organs:
@@ -173,7 +183,7 @@ def write_experiment_report(out: Path, scenarios: list[str], methods: list[str],
                 cells = [_cell(organs.get(o, {}).get("dice")) for o in scheme.organs]
                 mean = _cell(organs["mean"]["dice"])
                 lines.append(f"| {method} | " + " | ".join(cells) + (f" | **{mean}** | " if mean != "-" else " | - | ")
-                             + (f"{np.mean(hd):.1f} |" if hd else "- |"))
+                             + (f"{np.mean(hd):.1f} | " if hd else "- | ") + _outcome_cell(organs, scheme) + " |")
             lines.append("")
         curve = plot_curves(out, scenario, [m for m in methods if m.startswith(("fedavg", "fedgin"))], seeds)
         if curve is not None:
