@@ -64,3 +64,23 @@ def test_a_built_wheel_installed_elsewhere_checks_trains_and_evaluates(tmp_path,
          work, env)
     summary = json.loads((work / "eval" / "summary.json").read_text())
     assert summary["by_modality"]["CT"]["cases"] >= 1
+
+
+def test_pyproject_gives_ranges_and_the_lock_pins_every_dependency():
+    """``pyproject.toml`` names compatible ranges (Flower exact: its API changes every release);
+    ``requirements.lock``, which ``make`` installs with, pins every one of them exactly."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
+    lock = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().splitlines()
+                if line and not line.startswith("#"))
+    lock = {name.lower(): version for name, version in lock.items()}
+    for requirement in requirements:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+        assert name in lock, f"{name} is not pinned in requirements.lock"
+        if name == "flwr":
+            assert requirement == f"flwr[simulation]=={lock['flwr']}" == "flwr[simulation]==1.42.0"
+        else:
+            assert "==" not in requirement, f"{requirement}: give a compatible range; the exact pin is in the lock"
