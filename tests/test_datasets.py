@@ -339,7 +339,8 @@ def test_seeded_split_is_deterministic_disjoint_and_complete(n, sizes):
     assert tuple(len(p) for p in parts) == sizes
     assert sorted(split.train + split.val + split.test) == ids
     assert all(list(p) == sorted(p) for p in parts)
-    assert split.to_dict() == {"train": list(split.train), "val": list(split.val), "test": list(split.test)}
+    assert split.to_dict() == {"train": list(split.train), "val": list(split.val), "test": list(split.test),
+                               "source": "seeded (seed 3)"}
 
 
 def test_seeded_split_depends_on_the_seed():
@@ -359,12 +360,28 @@ def test_shipped_split_names_only_bundle_cases_and_no_model_labels_in_test(share
         assert sorted(named) == ids  # every case exactly once
         assert not [c for c in entry["test"] if c.startswith("ts_example_")]
         assert len(entry["val"]) == 1
-        assert split_for(name, ids, seed=0) == Split(tuple(entry["train"]), tuple(entry["val"]), tuple(entry["test"]))
+        assert split_for(name, ids, seed=0) == Split(tuple(entry["train"]), tuple(entry["val"]), tuple(entry["test"]),
+                                                     source="shipped abdomen-ct-mr.json")
 
 
 def test_split_for_falls_back_to_the_seeded_split(tmp_path):
     ids = [f"case_{i:03d}" for i in range(8)]
     assert split_for("Dataset123_Unknown", ids, seed=1) == seeded_split(ids, seed=1)
+
+
+def test_a_shipped_split_applies_only_to_a_dataset_whose_cases_it_names():
+    """A user's own dataset that happens to be called like a shipped one gets the seeded split (and
+    says so), not an "unknown case ids" error; the shared bundle itself still gets the shipped one."""
+    (split_file,) = [p for p in builtin_split_files() if p.name == "abdomen-ct-mr.json"]
+    entry = json.loads(split_file.read_text())["datasets"]["Dataset802_AbdomenMR"]
+    own = [f"patient_{i:03d}" for i in range(9)]
+    split = split_for("Dataset802_AbdomenMR", own, seed=2)
+    assert split == seeded_split(own, seed=2) and split.source == "seeded (seed 2)"
+    bundle = entry["train"] + entry["val"] + entry["test"]
+    assert split_for("Dataset802_AbdomenMR", bundle, seed=2).source == "shipped abdomen-ct-mr.json"
+    # a dataset with every shipped case and more still gets the shipped split: the extra cases are
+    # simply not used
+    assert split_for("Dataset802_AbdomenMR", bundle + ["extra_case"], seed=2).test == tuple(entry["test"])
 
 
 def test_split_file_naming_an_unknown_case_is_an_error(tmp_path):

@@ -343,6 +343,21 @@ def test_evaluate_uses_the_test_split_of_the_training_seed(capsys, tmp_path, mak
     assert sorted(c["case"] for c in summary["metric_per_case"]) == list(seeded_split(ids, 3).test)
 
 
+def test_a_dataset_named_like_the_shipped_bundle_gets_a_seeded_split_and_the_run_records_it(capsys, tmp_path,
+                                                                                             make_nnunet):
+    """A user's own ``Dataset802_AbdomenMR`` shares only its name with the shipped split file: it
+    trains on a seeded split instead of stopping with "unknown case ids", and ``config.json`` says
+    which split each site used."""
+    ids = [f"patient_{i:03d}" for i in range(5)]
+    data = make_nnunet("Dataset802_AbdomenMR", cases=ids, modality="MRI")
+    rc, _, err = cli(capsys, "train", "--mode", "local", "--site", f"mri={data}", "--out", tmp_path / "run",
+                     "--epochs", "1", *TINY)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["sites"][0]["split"] == "seeded (seed 0)" and config["sites"][0]["modality"] == "MRI"
+    assert json.loads((tmp_path / "run" / "mri" / "config.json").read_text())["sites"][0]["split"] == "seeded (seed 0)"
+
+
 # --- predict ------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from fedgin.cli import main
 from fedgin.data.datasets import open_dataset
 from fedgin.data.labels import get_scheme
 from fedgin.errors import DataError, FedginError
@@ -273,13 +274,19 @@ def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [MRI_DATASET]  # nothing else written
 
 
+def test_a_count_of_zero_writes_one_modality_only(tmp_path, capsys) -> None:
+    assert main(["phantoms", "--out", str(tmp_path), "--ct", "2", "--mri", "0"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CT_DATASET]
+    assert write_phantom_datasets(tmp_path / "mr", n_ct=0, n_mri=1) == [tmp_path / "mr" / MRI_DATASET]
+
+
 @pytest.mark.parametrize(
     "call",
     [
         lambda: make_phantom(0, "PET"),
         lambda: make_phantom(-1, "CT"),
         lambda: make_phantom(1.5, "CT"),
-        lambda: write_phantom_datasets("unused", n_ct=0),
+        lambda: write_phantom_datasets("unused", n_ct=0, n_mri=0),
         lambda: write_phantom_datasets("unused", n_mri=-2),
         lambda: write_phantom_datasets("unused", seed=-3),
     ],

@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantoms", help="write synthetic CT and MRI datasets (nnU-Net raw + manifest)")
     p.add_argument("--out", required=True)
-    p.add_argument("--ct", type=int, default=6)
-    p.add_argument("--mri", type=int, default=6)
+    p.add_argument("--ct", type=int, default=6, help="CT cases (0: no CT site)")
+    p.add_argument("--mri", type=int, default=6, help="MRI cases (0: no MRI site)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mri-partial", action="store_true",
                    help="MRI cases annotate only liver, kidneys and spleen (like CHAOS)")

@@ -97,11 +97,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """A site: a name and one dataset folder (one modality)."""
+    """A site: a name and one dataset folder (one modality); ``split`` records which split the run
+    used for it (``Split.source``), filled in once the data is read."""
 
     name: str
     dataset: str
     modality: str | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)

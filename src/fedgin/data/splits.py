@@ -1,8 +1,11 @@
 """Train / validation / test splits of a dataset.
 
-A committed split file (JSON: ``{dataset_name: {"train": [...], "val": [...], "test": [...]}}``)
-wins; fedgin ships one for the shared real bundle. Any other dataset is split by seed: a fixed
-fraction for test, one or two cases for validation, the rest for training.
+A split file given by the user (JSON: ``{dataset_name: {"train": [...], "val": [...], "test": [...]}}``)
+wins, and naming a case the dataset lacks is an error. fedgin ships one for the shared real bundle;
+it applies only to a dataset of that name whose cases it all names (a user's own dataset that
+happens to share the folder name gets a seeded split instead). Any other dataset is split by seed: a
+fixed fraction for test, one or two cases for validation, the rest for training. ``Split.source``
+says which was used; runs record it per site in ``config.json``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ class Split:
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
+    #: where it came from: "file PATH", "shipped NAME.json" or "seeded (seed N)"
+    source: str = "seeded"
 
     def to_dict(self) -> dict:
-        return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+        return {"train": list(self.train), "val": list(self.val), "test": list(self.test), "source": self.source}
 
 
 def seeded_split(case_ids: list[str], seed: int, test_fraction: float = 0.25) -> Split:
@@ -40,6 +45,7 @@ def seeded_split(case_ids: list[str], seed: int, test_fraction: float = 0.25) ->
         train=tuple(sorted(ids[n_test + n_val:])),
         val=tuple(sorted(ids[n_test:n_test + n_val])),
         test=tuple(sorted(ids[:n_test])),
+        source=f"seeded (seed {seed})",
     )
 
 
@@ -49,7 +55,7 @@ def builtin_split_files() -> list[Path]:
     return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json"))
 
 
-def _from_file(path: Path, dataset_name: str) -> Split | None:
+def _from_file(path: Path, dataset_name: str, source: str) -> Split | None:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -59,19 +65,23 @@ def _from_file(path: Path, dataset_name: str) -> Split | None:
     entry = data.get("datasets", data).get(dataset_name)
     if entry is None:
         return None
-    return Split(*(tuple(entry.get(k, [])) for k in ("train", "val", "test")))
+    return Split(*(tuple(entry.get(k, [])) for k in ("train", "val", "test")), source=source)
 
 
 def split_for(dataset_name: str, case_ids: list[str], seed: int, split_file: str | None = None) -> Split:
-    """The split of a dataset: from ``split_file`` or a shipped file if it names the dataset,
-    else :func:`seeded_split`. Case ids listed in a file must exist in the dataset."""
-    files = [Path(split_file)] if split_file else builtin_split_files()
-    for path in files:
-        split = _from_file(path, dataset_name)
-        if split is None:
-            continue
-        unknown = sorted(set(split.train + split.val + split.test) - set(case_ids))
-        if unknown:
-            raise DataError(path, f"{dataset_name}: unknown case ids {unknown}")
-        return split
+    """The split of a dataset: from ``split_file`` if it names the dataset (its case ids must
+    exist), else from a shipped file that names the dataset and only cases it has, else
+    :func:`seeded_split`."""
+    if split_file:
+        split = _from_file(Path(split_file), dataset_name, f"file {split_file}")
+        if split is not None:
+            unknown = sorted(set(split.train + split.val + split.test) - set(case_ids))
+            if unknown:
+                raise DataError(split_file, f"{dataset_name}: unknown case ids {unknown}")
+            return split
+        return seeded_split(case_ids, seed)
+    for path in builtin_split_files():
+        split = _from_file(path, dataset_name, f"shipped {path.name}")
+        if split is not None and set(split.train + split.val + split.test) <= set(case_ids):
+            return split
     return seeded_split(case_ids, seed)

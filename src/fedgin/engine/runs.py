@@ -73,6 +73,13 @@ def load_sites(cfg: RunConfig, train_ids: dict[str, list[str]] | None = None) ->
     ]
 
 
+def with_site_facts(cfg: RunConfig, sites: list[SiteData]) -> RunConfig:
+    """``cfg`` with each site's modality and the source of its split as read from its data, for
+    ``config.json``."""
+    return replace(cfg, sites=tuple(replace(spec, modality=site.modality, split=site.split.source)
+                                    for spec, site in zip(cfg.sites, sites)))
+
+
 def site_records(sites: list[SiteData]) -> list[dict]:
     return [{"name": s.name, "modality": s.modality, "dataset": s.dataset.name} for s in sites]
 
@@ -118,6 +125,7 @@ def train_non_federated(cfg: RunConfig, *, resume: bool = False, train_ids=None,
     # read and check every site's data (and, on resume, the checkpoints) before the run dir is
     # touched: bad input writes nothing
     sites = load_sites(cfg, train_ids if train_ids is not None else cfg.train_cases)
+    cfg = with_site_facts(cfg, sites)
     if resume:
         check_resumable(Path(cfg.out))
     out = prepare_run_dir(cfg, resume=resume)

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import RunConfig
-from ..engine.runs import check_resumable, load_sites, prepare_run_dir
+from ..engine.runs import check_resumable, load_sites, prepare_run_dir, with_site_facts
 from ..errors import FedginError
 
 # Telemetry off and no runtime dependency installation, before Flower is imported.
@@ -33,7 +33,7 @@ def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
     # validate and preprocess every site's data up front: errors surface here as one line,
     # and the Ray workers then read the preprocessing cache
     sites = load_sites(cfg, cfg.train_cases)
-    cfg = replace(cfg, sites=tuple(replace(s, modality=d.modality) for s, d in zip(cfg.sites, sites)))
+    cfg = with_site_facts(cfg, sites)
     if resume:
         check_resumable(Path(cfg.out))
     out = prepare_run_dir(cfg, resume=resume)

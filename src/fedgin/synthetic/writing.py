@@ -128,17 +128,20 @@ def write_phantom_datasets(out: str | Path, n_ct: int = 6, n_mri: int = 6, seed:
             pancreas and gallbladder voxels are stored as 0 (unknown).
 
     Returns:
-        The CT and the MRI dataset folders.
+        The CT and the MRI dataset folders; a count of 0 writes no dataset of that modality (one
+        of the two must be positive), so ``n_mri=0`` gives a CT-only site.
     """
     seed = _check_seed(seed)
     for name, n in (("n_ct", n_ct), ("n_mri", n_mri)):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise FedginError(f"{name} must be a positive integer, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise FedginError(f"{name} must be a non-negative integer, got {n!r}")
+    if n_ct == 0 and n_mri == 0:
+        raise FedginError("n_ct and n_mri are both 0: nothing to write")
     out = Path(out)
-    plan = [
+    plan = [entry for entry in [
         (CT_DATASET, "CT", int(n_ct), ORGANS),
         (MRI_DATASET, "MRI", int(n_mri), MRI_PARTIAL_ORGANS if mri_partial else ORGANS),
-    ]
+    ] if entry[2] > 0]
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder")
     for name, *_ in plan:
