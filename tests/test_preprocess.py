@@ -17,6 +17,7 @@ from fedgin.data.nifti import read_volume, write_volume
 from fedgin.data.preprocess import (
     Geometry,
     PreprocessConfig,
+    labels_from_slices,
     labels_to_original,
     normalise_intensity,
     BODY_THRESHOLD,
@@ -145,6 +146,23 @@ def test_cropped_away_region_is_background_in_probabilities(tmp_path):
     assert torch.equal(back[0][torch.from_numpy(outside)], torch.ones(int(outside.sum())))
     assert torch.equal(back[1:, torch.from_numpy(outside)], torch.zeros(NUM_CLASSES - 1, int(outside.sum())))
     assert torch.allclose(back.sum(0), torch.ones(grid.shape))
+
+
+@pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))
+def test_labels_from_slices_in_chunks_equal_the_argmax_of_the_whole_inverse(tmp_path, grid):
+    """Prediction inverts batch by batch straight to uint8 labels; chunks of any size give exactly
+    the labels of inverting every class's probabilities at once and taking the argmax."""
+    image, label, affine = _written_case(tmp_path, grid)
+    pre = preprocess(image, affine, "CT", PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(16, 24)), label)
+    probs = torch.rand(NUM_CLASSES, *pre.label.shape, generator=torch.Generator().manual_seed(1)).softmax(0)
+    whole = probabilities_to_original(probs, pre.geometry).argmax(0).numpy().astype(np.uint8)
+    depth = probs.shape[1]
+    for size in (1, 2, depth):
+        chunks = [(s, probs[:, s:s + size]) for s in range(0, depth, size)]
+        labels = labels_from_slices(chunks, pre.geometry)
+        assert labels.dtype == np.uint8 and np.array_equal(labels, whole), size
+    with pytest.raises(ValueError, match="covered"):
+        labels_from_slices([(0, probs[:, :1])], pre.geometry)
 
 
 @pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))

@@ -229,8 +229,47 @@ def probabilities_to_original(probs: torch.Tensor, geometry: Geometry) -> torch.
     return torch.from_numpy(np.ascontiguousarray(back))
 
 
+def _planes_to_ras_labels(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """``C x d x H x W`` probabilities of ``d`` slices -> their uint8 argmax ``X x Y x d`` on the RAS
+    grid, as :func:`probabilities_to_original` followed by an argmax computes it."""
+    planes = _take(probs, geometry.resampled_shape, geometry.offsets, 0.0)
+    planes[0][planes.sum(axis=0) == 0] = 1.0  # outside the canvas: background
+    rx, ry, _ = geometry.ras_shape
+    t = _resize_planes(torch.from_numpy(planes).permute(1, 0, 2, 3), (rx, ry), "bilinear")  # d x C x X x Y
+    return t.argmax(1).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def labels_from_slices(chunks, geometry: Geometry) -> np.ndarray:
+    """uint8 labels on the input grid from ``chunks``, an iterable of ``(first slice, C x d x H x W
+    probabilities)`` in preprocessed space covering every slice once.
+
+    Slices are never resampled along z, so each chunk is inverted and reduced to its argmax on its
+    own: memory is one uint8 volume plus one chunk, never ``C`` float volumes at the input's size
+    (a 512 x 512 x 600 CT would need 3.8 GB per float copy of its 6 classes). The labels equal
+    ``probabilities_to_original(probs, geometry).argmax(0)``."""
+    rx, ry, depth = geometry.ras_shape
+    ras = np.zeros((rx, ry, depth), dtype=np.uint8)
+    covered = 0
+    for start, probs in chunks:
+        arr = probs.detach().cpu().float().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
+        ras[:, :, start:start + arr.shape[1]] = _planes_to_ras_labels(arr, geometry)
+        covered += arr.shape[1]
+    if covered != depth:
+        raise ValueError(f"chunks covered {covered} of {depth} slices")
+    inverse = nib.orientations.ornt_transform(
+        np.array([[i, 1] for i in range(3)], dtype=float), np.array(geometry.ornt)
+    )
+    back = np.ascontiguousarray(nib.orientations.apply_orientation(ras, inverse))
+    assert back.shape == tuple(geometry.original_shape), (back.shape, geometry.original_shape)
+    return back
+
+
 def labels_to_original(labels: np.ndarray, geometry: Geometry, num_classes: int) -> np.ndarray:
-    """A D x H x W label map in preprocessed space -> uint8 labels on the input grid."""
-    onehot = F.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes)
-    probs = onehot.permute(3, 0, 1, 2).float()
-    return probabilities_to_original(probs, geometry).argmax(0).numpy().astype(np.uint8)
+    """A D x H x W label map in preprocessed space -> uint8 labels on the input grid (one-hot,
+    inverted like probabilities, 32 slices at a time)."""
+    def chunks():
+        for start in range(0, labels.shape[0], 32):
+            onehot = F.one_hot(torch.from_numpy(labels[start:start + 32].astype(np.int64)), num_classes)
+            yield start, onehot.permute(3, 0, 1, 2).float()
+
+    return labels_from_slices(chunks(), geometry)

@@ -5,30 +5,35 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.preprocess import Preprocessed, probabilities_to_original
+from ..data.preprocess import Preprocessed, labels_from_slices
 
 
-@torch.no_grad()
+def iter_probs(model: torch.nn.Module, image: np.ndarray, device: torch.device, batch_size: int = 32):
+    """``(first slice, C x d x H x W softmax probabilities)`` for each batch of slices of a
+    preprocessed ``D x H x W`` volume (on the CPU)."""
+    was_training = model.training
+    model.eval()
+    amp = device.type == "cuda"
+    try:
+        for start in range(0, image.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(image[start:start + batch_size]))[:, None].to(device)
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                logits = model(x)
+            yield start, torch.softmax(logits.float(), dim=1).cpu().permute(1, 0, 2, 3)
+    finally:
+        model.train(was_training)
+
+
 def predict_probs(model: torch.nn.Module, image: np.ndarray, device: torch.device,
                   batch_size: int = 32) -> torch.Tensor:
     """Softmax probabilities ``C x D x H x W`` for a preprocessed ``D x H x W`` volume."""
-    was_training = model.training
-    model.eval()
-    chunks = []
-    amp = device.type == "cuda"
-    for start in range(0, image.shape[0], batch_size):
-        x = torch.from_numpy(image[start:start + batch_size])[:, None].to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            logits = model(x)
-        chunks.append(torch.softmax(logits.float(), dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(chunks).permute(1, 0, 2, 3)
+    return torch.cat([p for _, p in iter_probs(model, image, device, batch_size)], dim=1)
 
 
 def predict_labels(model: torch.nn.Module, pre: Preprocessed, device: torch.device) -> np.ndarray:
-    """uint8 label map on the case's own input grid (same shape as the input file)."""
-    probs = predict_probs(model, pre.image, device)
-    return probabilities_to_original(probs, pre.geometry).argmax(0).numpy().astype(np.uint8)
+    """uint8 label map on the case's own input grid (same shape as the input file), computed batch
+    of slices by batch (memory does not grow with the class count times the input's size)."""
+    return labels_from_slices(iter_probs(model, pre.image, device), pre.geometry)
 
 
 def predict_preprocessed_labels(model: torch.nn.Module, image: np.ndarray,
