@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(VENV)/bin/fedgin demo --out demo-out
 
+# two workers, one test file each at a time (module fixtures are built once): the deployment and
+# fault tests spend most of their time waiting on Flower's processes, the other worker trains
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
