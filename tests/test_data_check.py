@@ -179,7 +179,8 @@ MALFORMED = {
     "shared-label-id": (_dataset_json(labels={"background": 0, "liver": 1, "spleen": 1}),
                         r"labels 'liver' and 'spleen' share id 1"),
     "unmapped-label-name": (_dataset_json(labels={"background": 0, "liver": 1, "tumour": 2}),
-                            r"label 'tumour' \(id 2\) has no mapping to scheme abdomen5"),
+                            r"label 'tumour' \(id 2\) has no mapping to scheme abdomen5 "
+                            r"\(--label-map tumour=ORGAN\|background maps it\)"),
     "missing-dataset": (_missing_folder, r"dataset folder not found"),
     "organ-not-annotated": (_unlisted_organ,
                             r"labels organ\(s\) \['kidneys', 'spleen', 'pancreas', 'gallbladder'\] "

@@ -83,7 +83,8 @@ def test_nnunet_unmapped_label_name_is_an_error_naming_dataset_json(make_nnunet)
         open_dataset(root, ABDOMEN5)
 
     assert info.value.path == root / "dataset.json"
-    assert str(info.value) == f"{root / 'dataset.json'}: label 'tumour' (id 7) has no mapping to scheme abdomen5"
+    assert str(info.value) == (f"{root / 'dataset.json'}: label 'tumour' (id 7) has no mapping to scheme abdomen5 "
+                               "(--label-map tumour=ORGAN|background maps it)")
 
 
 def test_nnunet_one_label_for_both_kidneys(make_nnunet):

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .data.labels import parse_label_map
 from .errors import FedginError
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -27,6 +28,15 @@ def _site(text: str):
     if not name or not path:
         raise argparse.ArgumentTypeError(f"--site takes NAME=DATASET, got {text!r}")
     return SiteSpec(name=name, dataset=path)
+
+
+LABEL_MAP_HELP = ("map a dataset label fedgin does not know (dataset.json name or TotalSegmentator mask "
+                  "name, any case) to an organ (liver, kidney_left, kidney_right, kidneys, spleen, pancreas, "
+                  "gallbladder or an alias) or to background; repeatable")
+
+
+def _add_label_map(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--label-map", action="append", metavar="NAME=ORGAN|background", help=LABEL_MAP_HELP + extra)
 
 
 def _add_common_training(p: argparse.ArgumentParser) -> None:
@@ -63,6 +73,7 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="decide no post-processing plan (predict and evaluate then apply none)")
+    _add_label_map(p, " (recorded in config.json and the checkpoints)")
 
 
 NO_OVERLAYS_HELP = ("no prediction overlays on test slices in the report (they show patient images: "
@@ -98,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("check", help="validate datasets and print a case table")
     p.add_argument("datasets", nargs="+")
     p.add_argument("--scheme", default="abdomen5", choices=["abdomen5", "abdomen6"])
+    _add_label_map(p)
 
     cache = sub.add_parser("cache", help="the preprocessing cache").add_subparsers(dest="cache_command", required=True)
     for name, text in (("info", "where the cache is, its entries and size"),
@@ -138,24 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split")
     p.add_argument("--cache-dir")
     p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP)
+    _add_label_map(p, " (recorded in every run)")
 
     p = sub.add_parser("report", help="(re)draw tables and plots for a run, an evaluation or an experiment")
     p.add_argument("dir")
     p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP + " (experiment dirs)")
 
-    p = sub.add_parser("evaluate", help="per-case 3D Dice and HD95 per organ and modality")
-    p.add_argument("--model", required=True, help="run dir or checkpoint file")
-    p.add_argument("--data", nargs="+", required=True, help="dataset folders")
+    p = sub.add_parser("evaluate", help="per-case 3D Dice and HD95 per organ and modality, of a model "
+                                        "(--model) or of label maps made by any tool (--pred)")
+    scored = p.add_mutually_exclusive_group(required=True)
+    scored.add_argument("--model", help="run dir or checkpoint file: predict and score")
+    scored.add_argument("--pred", metavar="DIR", help="folder of label maps {case_id}.nii.gz (nnU-Net, "
+                        "TotalSegmentator, fedgin predict, ...) to score as they are")
+    p.add_argument("--data", nargs="+", default=[], metavar="DATASET", help="reference dataset folders")
+    p.add_argument("--ref", action="append", default=[], metavar="DATASET",
+                   help="a reference dataset folder (repeatable; the same as --data)")
     p.add_argument("--out", required=True)
-    p.add_argument("--cases", default="test", choices=["test", "all"],
-                   help="test: each dataset's test split (default); all: every labelled case")
+    p.add_argument("--cases", choices=["test", "all", "predicted"],
+                   help="test: each dataset's test split (--model's default); all: every labelled case; "
+                        "predicted: the labelled cases that have a prediction file (--pred's default)")
     p.add_argument("--seed", type=int, help="seed of the split for datasets without a split file "
                    "(default: the seed the model was trained with)")
     p.add_argument("--split")
+    p.add_argument("--scheme", choices=["abdomen5", "abdomen6"],
+                   help="--pred: the label scheme to score in (default: the predicting model's, else abdomen5)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help=NO_POSTPROCESS_HELP)
+    _add_label_map(p, " (default: the map the model was trained with; these entries go on top)")
 
     p = sub.add_parser("predict", help="NIfTI in, NIfTI label map out (input geometry kept)")
     p.add_argument("-i", "--input", required=True, help="a NIfTI file or a folder of them")
@@ -196,7 +219,8 @@ def cmd_train(args) -> int:
     overrides.pop("local_epochs")
     cfg = resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
                   train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
-                  cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess)
+                  cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess,
+                  label_map=parse_label_map(args.label_map))
     out = train_non_federated(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
@@ -214,7 +238,7 @@ def cmd_federate(args) -> int:
                   cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
                   local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
                   round_timeout=args.round_timeout, postprocess=args.postprocess,
-                  proximal_mu=args.proximal_mu)
+                  proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map))
     out = federate(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
@@ -225,7 +249,7 @@ def cmd_data_check(args) -> int:
     from .data.labels import get_scheme
 
     scheme = get_scheme(args.scheme)
-    rows, errors = check_datasets(args.datasets, scheme)
+    rows, errors = check_datasets(args.datasets, scheme, parse_label_map(args.label_map))
     if rows:
         print(format_table(rows, scheme), end="")
     for line in errors:
@@ -256,8 +280,24 @@ def cmd_phantoms(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluation.scoring import evaluate, mean_dice_lines
 
-    summary = evaluate(args.model, args.data, args.out, cases=args.cases, seed=args.seed, split_file=args.split,
-                       device=args.device, cache_dir=args.cache_dir, postprocess=args.postprocess)
+    label_map = parse_label_map(args.label_map)
+    datasets = list(args.data) + list(args.ref)
+    if not datasets:
+        raise FedginError("evaluate needs the reference datasets: --data DATASET... or --ref DATASET")
+    if args.pred is not None:
+        from .evaluation.folder import evaluate_folder
+
+        summary = evaluate_folder(args.pred, datasets, args.out, cases=args.cases or "predicted", seed=args.seed,
+                                  split_file=args.split, scheme=args.scheme, label_map=label_map)
+        print(f"scored {len(summary['metric_per_case'])} prediction(s) from {args.pred}")
+    else:
+        if args.cases == "predicted":
+            raise FedginError("--cases predicted goes with --pred (a model predicts every case it scores)")
+        if args.scheme is not None:
+            raise FedginError("--scheme goes with --pred; a model scores in its own label scheme")
+        summary = evaluate(args.model, datasets, args.out, cases=args.cases or "test", seed=args.seed,
+                           split_file=args.split, device=args.device, cache_dir=args.cache_dir,
+                           postprocess=args.postprocess, label_map=label_map)
     for line in mean_dice_lines(summary):
         print(line)
     print(f"wrote {args.out}/summary.json, metrics.csv, summary.md")
@@ -284,7 +324,8 @@ def cmd_experiment(args) -> int:
                                      args.seeds, Path(args.out), argv=sys.argv[1:], preset=args.preset,
                                      rounds=args.rounds, local_epochs=args.local_epochs,
                                      steps_per_epoch=args.steps_per_epoch, split_file=args.split,
-                                     cache_dir=args.cache_dir, overlays=not args.no_overlays)
+                                     cache_dir=args.cache_dir, overlays=not args.no_overlays,
+                                     label_map=parse_label_map(args.label_map))
     print(f"wrote {report}")
     return 0
 

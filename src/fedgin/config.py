@@ -129,6 +129,8 @@ class RunConfig:
     cache_dir: str | None = None
     device: str = "auto"
     postprocess: bool = True  # decide a post-processing plan on validation cases (fedgin.engine.postprocess)
+    # --label-map: source label name (lower case) -> fine organ, alias or "background"; None: none
+    label_map: dict[str, str] | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import DataError, FedginError
-from .datasets import open_dataset
+from .datasets import check_label_map_names, open_dataset
 from .labels import LabelScheme
 from .nifti import axcodes_of, spacing_of
 
@@ -24,16 +25,21 @@ class CaseRow:
     annotated: tuple[str, ...]
 
 
-def check_datasets(paths: list[str], scheme: LabelScheme) -> tuple[list[CaseRow], list[str]]:
-    """Read every case fully (image, label, mapping); returns rows and one error line per bad case."""
+def check_datasets(paths: list[str], scheme: LabelScheme,
+                   label_map: Mapping[str, str] | None = None) -> tuple[list[CaseRow], list[str]]:
+    """Read every case fully (image, label, mapping); returns rows and one error line per bad case.
+
+    ``label_map`` is ``--label-map``'s; a name of it that no dataset labels is one more error line."""
     rows, errors = [], []
     inv = {i: o for o, i in scheme.label_ids.items()}
+    opened = []
     for path in paths:
         try:
-            dataset = open_dataset(path, scheme)
+            dataset = open_dataset(path, scheme, label_map=label_map)
         except FedginError as exc:
             errors.append(str(exc))
             continue
+        opened.append(dataset)
         for ref in dataset.cases + dataset.test_cases:
             try:
                 image, label, affine = ref.read(scheme)
@@ -54,6 +60,11 @@ def check_datasets(paths: list[str], scheme: LabelScheme) -> tuple[list[CaseRow]
             rows.append(CaseRow(dataset.name, ref.case_id, ref.modality, tuple(image.shape),
                                 tuple(round(s, 3) for s in spacing_of(affine)), axcodes_of(affine),
                                 present, ref.annotated))
+    if len(opened) == len(paths):  # a dataset that did not open has labels we cannot know
+        try:
+            check_label_map_names(label_map, opened)
+        except FedginError as exc:
+            errors.append(str(exc))
     return rows, errors
 
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, FedginError
 from .labels import (
     AMOS_FIRST_MRI_ID,
     AMOS_LABELS,
     FINE_ORGANS,
     TOTALSEGMENTATOR_MASKS,
     LabelScheme,
-    expand_fine,
+    fines_of_label,
+    normalise_label_map,
 )
 from .nifti import read_volume
 
@@ -72,41 +74,50 @@ class CaseRef:
         label = None
         if self.label is not None:
             raw, label_affine = read_volume(self.label, kind="label")
-            _check_same_grid(self.label, image.shape, affine, raw.shape, label_affine)
-            label = self._map_ids(raw)
+            check_same_grid(self.label, image.shape, affine, raw.shape, label_affine)
+            label = map_label_ids(raw, self.lut, self.label)
         elif self.masks:
             label = np.zeros(image.shape, dtype=np.uint8)
             for mask_path, class_id in self.masks:
                 mask, mask_affine = read_volume(mask_path, kind="label")
-                _check_same_grid(mask_path, image.shape, affine, mask.shape, mask_affine)
+                check_same_grid(mask_path, image.shape, affine, mask.shape, mask_affine)
                 if mask.max() > 1:
                     raise DataError(mask_path, f"binary mask expected, found value {int(mask.max())}")
                 label[mask > 0] = class_id
         return image, label, affine
 
-    def _map_ids(self, raw: np.ndarray) -> np.ndarray:
-        lut = np.asarray(self.lut, dtype=np.int16)
-        present = np.unique(raw)
-        unknown = present[present >= len(lut)]
-        if unknown.size == 0:
-            unknown = present[lut[present] < 0]
-        if unknown.size:
-            raise DataError(
-                self.label, f"label ids {unknown.tolist()} are not in the dataset's label mapping"
-            )
-        return lut[raw].astype(np.uint8)
+
+def map_label_ids(raw: np.ndarray, lut: tuple[int, ...], where: Path | None,
+                  mapping: str = "the dataset's label mapping") -> np.ndarray:
+    """Source label ids -> scheme ids through ``lut`` (-1: undeclared); an id outside it is an
+    error naming ``where`` and ``mapping``."""
+    table = np.asarray(lut, dtype=np.int16)
+    present = np.unique(raw)
+    unknown = present[present >= len(table)]
+    if unknown.size == 0:
+        unknown = present[table[present] < 0]
+    if unknown.size:
+        raise DataError(where, f"label ids {unknown.tolist()} are not in {mapping}")
+    return table[raw].astype(np.uint8)
 
 
-def _check_same_grid(path, image_shape, image_affine, label_shape, label_affine) -> None:
+def check_same_grid(path, image_shape, image_affine, label_shape, label_affine, *,
+                    what: str = "label", against: str = "image") -> None:
+    """``path`` (a ``what``) must share the voxel grid (shape and affine) of the ``against`` volume."""
     if tuple(image_shape) != tuple(label_shape):
-        raise DataError(path, f"label shape {tuple(label_shape)} != image shape {tuple(image_shape)}")
+        raise DataError(path, f"{what} shape {tuple(label_shape)} != {against} shape {tuple(image_shape)}")
     if not np.allclose(image_affine, label_affine, atol=1e-3, rtol=1e-5):
-        raise DataError(path, "label affine differs from the image affine")
+        raise DataError(path, f"{what} affine differs from the {against} affine")
 
 
 @dataclass
 class Dataset:
-    """A folder of cases from one source and one modality."""
+    """A folder of cases from one source and one modality.
+
+    ``label_names`` are the source's structure names that a label map can match: ``dataset.json``
+    labels (nnU-Net), mask file names without ``.nii.gz`` (TotalSegmentator, listed only when a
+    label map is given); none for AMOS, whose ids keep fedgin's declared table.
+    """
 
     name: str
     root: Path
@@ -114,6 +125,7 @@ class Dataset:
     source: str
     cases: list[CaseRef] = field(default_factory=list)
     test_cases: list[CaseRef] = field(default_factory=list)
+    label_names: tuple[str, ...] = ()
 
     def case(self, case_id: str) -> CaseRef:
         for c in self.cases + self.test_cases:
@@ -139,8 +151,12 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _scheme_lut(labels: dict, scheme: LabelScheme, where: Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """LUT source id -> scheme id (-1 for undeclared ids) and the fine organs the labels cover."""
+def scheme_lut(labels: dict, scheme: LabelScheme, where: Path,
+               label_map: Mapping[str, str] | None = None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """LUT source id -> scheme id (-1 for undeclared ids) and the fine organs the labels cover.
+
+    ``labels`` is ``{name: id}`` as in ``dataset.json``; ``label_map`` (normalised, see
+    :func:`~fedgin.data.labels.normalise_label_map`) overrides the alias table for its names."""
     ids: dict[int, str] = {}
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
@@ -158,23 +174,28 @@ def _scheme_lut(labels: dict, scheme: LabelScheme, where: Path) -> tuple[tuple[i
         raise DataError(where, "labels must map 'background' to 0")
     lut = [-1] * (max(ids) + 1)
     lut[0] = 0
-    names: list[str] = []
+    covered: set[str] = set()
     for source_id, name in ids.items():
         if source_id == 0:
             continue
-        try:
-            fines = expand_fine(name)
-        except KeyError:
-            raise DataError(
-                where, f"label {name!r} (id {source_id}) has no mapping to scheme {scheme.name}"
-            ) from None
-        classes = {scheme.class_of_fine(f) for f in fines}
-        if len(classes) > 1:  # e.g. one "kidneys" label cannot be split into abdomen6's two kidneys
-            raise DataError(where, f"label {name!r} (id {source_id}) merges {', '.join(sorted(classes))}, "
-                                   f"which scheme {scheme.name} keeps apart")
-        names.append(name)
+        fines = _fines_in_scheme(name, f"label {name!r} (id {source_id})", scheme, where, label_map)
+        covered.update(fines)
         lut[source_id] = scheme.id_of_fine(fines[0]) if fines else 0
-    return tuple(lut), tuple(names)
+    return tuple(lut), tuple(f for f in FINE_ORGANS if f in covered)
+
+
+def _fines_in_scheme(name: str, what: str, scheme: LabelScheme, where: Path,
+                     label_map: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The fine organs of source structure ``name`` (``()``: background), all in one scheme class."""
+    try:
+        fines = fines_of_label(name, label_map)
+    except KeyError:
+        raise DataError(where, f"{what} has no mapping to scheme {scheme.name} "
+                               f"(--label-map {name}=ORGAN|background maps it)") from None
+    classes = {scheme.class_of_fine(f) for f in fines}
+    if len(classes) > 1:  # e.g. one "kidneys" label cannot be split into abdomen6's two kidneys
+        raise DataError(where, f"{what} merges {', '.join(sorted(classes))}, which scheme {scheme.name} keeps apart")
+    return fines
 
 
 def _manifest_annotations(root: Path) -> dict[str, list[str]]:
@@ -193,21 +214,24 @@ def _manifest_annotations(root: Path) -> dict[str, list[str]]:
     return out
 
 
-def _annotated(scheme: LabelScheme, label_names: tuple[str, ...], manifest: list[str] | None,
-               where: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Annotated scheme organs and annotated fine organs of one case."""
-    declared = {f for name in label_names for f in expand_fine(name)}
+def _annotated(scheme: LabelScheme, covered: tuple[str, ...], manifest: list[str] | None,
+               where: Path, label_map: Mapping[str, str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Annotated scheme organs and annotated fine organs of one case (``covered``: the fine organs
+    its labels hold; ``manifest``: the structure names it lists as annotated, if any)."""
+    declared = set(covered)
     if manifest is not None:
         try:
-            declared &= {f for name in manifest for f in expand_fine(name)}
+            declared &= {f for name in manifest for f in fines_of_label(name, label_map)}
         except KeyError as exc:
             raise DataError(where, f"annotated organ {exc.args[0]!r} is unknown") from None
     fines = tuple(f for f in FINE_ORGANS if f in declared)
     return scheme.classes_of_names(fines), fines
 
 
-def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
-    """An nnU-Net v2 raw folder: ``dataset.json``, ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/``."""
+def read_nnunet(root: Path, scheme: LabelScheme, label_map: Mapping[str, str] | None = None) -> Dataset:
+    """An nnU-Net v2 raw folder: ``dataset.json``, ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/``.
+
+    ``label_map`` (normalised) maps ``dataset.json`` label names (and manifest names) first."""
     meta_path = root / "dataset.json"
     meta = _read_json(meta_path)
     missing = [k for k in REQUIRED_DATASET_KEYS if k not in meta]
@@ -221,10 +245,11 @@ def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
     modality = normalise_modality(channels["0"], where=meta_path)
     if not isinstance(meta["labels"], dict):
         raise DataError(meta_path, "labels must be an object of name -> id")
-    lut, label_names = _scheme_lut(meta["labels"], scheme, meta_path)
+    lut, covered = scheme_lut(meta["labels"], scheme, meta_path, label_map)
     ending = str(meta["file_ending"])
     annotations = _manifest_annotations(root)
-    dataset = Dataset(name=root.name, root=root, modality=modality, source="nnunet")
+    dataset = Dataset(name=root.name, root=root, modality=modality, source="nnunet",
+                      label_names=tuple(str(n) for n in meta["labels"] if str(n).lower() != "background"))
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
         raise DataError(images_dir, "folder not found")
@@ -233,8 +258,8 @@ def read_nnunet(root: Path, scheme: LabelScheme) -> Dataset:
         label = root / labels_dir / f"{case_id}{ending}"
         if required and not label.exists():
             raise DataError(label, f"missing label for case {case_id}")
-        annotated, annotated_fine = _annotated(scheme, label_names, annotations.get(case_id),
-                                               root / "manifest.json")
+        annotated, annotated_fine = _annotated(scheme, covered, annotations.get(case_id),
+                                               root / "manifest.json", label_map)
         return CaseRef(case_id=case_id, dataset=root.name, modality=modality, image=image,
                        label=label if label.exists() else None, lut=lut, annotated=annotated,
                        annotated_fine=annotated_fine)
@@ -263,7 +288,27 @@ def _totalseg_subjects(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / "segmentations").is_dir())
 
 
-def read_totalsegmentator(root: Path, scheme: LabelScheme) -> Dataset:
+def _totalseg_masks(folder: Path, scheme: LabelScheme, label_map: Mapping[str, str] | None,
+                    names: set[str]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(mask file, scheme id) pairs of one subject and the fine organs they delineate: fedgin's
+    table, then ``label_map`` by structure name (file name without ``.nii.gz``; mapped to background:
+    not read). ``names`` gathers the structure names seen (only with a label map)."""
+    chosen: dict[str, tuple[str, ...]] = {name: (fine,) for name, fine in TOTALSEGMENTATOR_MASKS.items()}
+    if label_map:
+        for mask in sorted(folder.glob("*.nii.gz")):
+            structure = mask.name[: -len(".nii.gz")]
+            names.add(structure)
+            if structure.strip().lower() in label_map:
+                chosen[mask.name] = _fines_in_scheme(structure, f"mask {mask.name!r}", scheme, folder, label_map)
+    masks, fines = [], []
+    for filename, mask_fines in chosen.items():
+        if mask_fines and (folder / filename).exists():
+            masks.append((folder / filename, scheme.id_of_fine(mask_fines[0])))
+            fines += [f for f in mask_fines if f not in fines]
+    return masks, fines
+
+
+def read_totalsegmentator(root: Path, scheme: LabelScheme, label_map: Mapping[str, str] | None = None) -> Dataset:
     """TotalSegmentator subject folders: ``sXXXX/ct.nii.gz`` (or ``mri.nii.gz``) and
     ``sXXXX/segmentations/<structure>.nii.gz``; a single subject folder also works."""
     subjects = _totalseg_subjects(root)
@@ -271,19 +316,14 @@ def read_totalsegmentator(root: Path, scheme: LabelScheme) -> Dataset:
         raise DataError(root, "no TotalSegmentator subject folders (sXXXX/segmentations/)")
     cases: list[CaseRef] = []
     modalities = set()
+    names: set[str] = set()
     for subject in subjects:
         images = [p for p in (subject / "ct.nii.gz", subject / "mri.nii.gz") if p.exists()]
         if len(images) != 1:
             raise DataError(subject, "expected exactly one of ct.nii.gz or mri.nii.gz")
         modality = "CT" if images[0].name.startswith("ct") else "MRI"
         modalities.add(modality)
-        masks = []
-        fines = []
-        for filename, fine in TOTALSEGMENTATOR_MASKS.items():
-            mask = subject / "segmentations" / filename
-            if mask.exists():
-                masks.append((mask, scheme.id_of_fine(fine)))
-                fines.append(fine)
+        masks, fines = _totalseg_masks(subject / "segmentations", scheme, label_map, names)
         if not masks:
             raise DataError(subject / "segmentations", "none of the target organ masks is present")
         cases.append(
@@ -295,12 +335,13 @@ def read_totalsegmentator(root: Path, scheme: LabelScheme) -> Dataset:
                 masks=tuple(masks),
                 annotated=scheme.classes_of_names(fines),
                 source="totalsegmentator",
-                annotated_fine=tuple(fines),
+                annotated_fine=tuple(f for f in FINE_ORGANS if f in fines),
             )
         )
     if len(modalities) != 1:
         raise DataError(root, "subjects mix CT and MRI; give each modality its own folder")
-    return Dataset(name=root.name, root=root, modality=modalities.pop(), source="totalsegmentator", cases=cases)
+    return Dataset(name=root.name, root=root, modality=modalities.pop(), source="totalsegmentator", cases=cases,
+                   label_names=tuple(sorted(names)))
 
 
 # --- AMOS 2022 --------------------------------------------------------------------------------
@@ -352,11 +393,17 @@ def _is_amos(root: Path) -> bool:
     return any(AMOS_NAME.match(p.name) for p in (root / "imagesTr").glob("amos_*.nii.gz"))
 
 
-def open_dataset(path: str | Path, scheme: LabelScheme, *, modality: str | None = None) -> Dataset:
+def open_dataset(path: str | Path, scheme: LabelScheme, *, modality: str | None = None,
+                 label_map: Mapping[str, str] | None = None) -> Dataset:
     """Open a dataset folder of any supported layout (detected from its contents).
 
     ``path`` may end in ``:CT`` or ``:MRI`` to pick one modality of a mixed AMOS folder.
+    ``label_map`` (``{source structure name: fine organ, alias or "background"}``, the
+    ``--label-map`` option) overrides the alias table for the names it gives, matched without
+    regard to case: nnU-Net ``dataset.json`` labels and TotalSegmentator mask names; AMOS ids keep
+    their declared table.
     """
+    label_map = normalise_label_map(label_map)
     text = str(path)
     if modality is None and re.search(r":(CT|MRI|MR)$", text, flags=re.IGNORECASE):
         text, modality = text.rsplit(":", 1)
@@ -368,8 +415,22 @@ def open_dataset(path: str | Path, scheme: LabelScheme, *, modality: str | None 
     if (root / "imagesTr").is_dir() and _is_amos(root):
         return read_amos(root, scheme, modality)
     if (root / "dataset.json").exists():
-        return read_nnunet(root, scheme)
+        return read_nnunet(root, scheme, label_map)
     if _totalseg_subjects(root):
-        return read_totalsegmentator(root, scheme)
+        return read_totalsegmentator(root, scheme, label_map)
     raise DataError(root, "not a dataset: no dataset.json (nnU-Net), amos_XXXX files (AMOS) "
                           "or sXXXX/segmentations/ folders (TotalSegmentator)")
+
+
+def check_label_map_names(label_map: Mapping[str, str] | None, datasets: Iterable[Dataset],
+                          more_names: Iterable[str] = ()) -> None:
+    """Every name of ``label_map`` must be a label of one of ``datasets`` (or in ``more_names``):
+    a name that labels nothing is a typo, refused in one line."""
+    known = {str(n).strip().lower(): str(n) for d in datasets for n in d.label_names}
+    known.update({str(n).strip().lower(): str(n) for n in more_names})
+    for name in normalise_label_map(label_map):
+        if name not in known:
+            listed = sorted(known.values())
+            shown = ", ".join(listed[:12]) + (", ..." if len(listed) > 12 else "")
+            raise FedginError(f"--label-map {name}: no dataset has a label named {name!r} "
+                              f"(labels: {shown or 'none that a label map can rename'})")

@@ -8,6 +8,7 @@ folds fine organs into its own classes (``abdomen5`` merges both kidneys into ``
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..errors import FedginError
@@ -130,6 +131,57 @@ def expand_fine(name: str) -> tuple[str, ...]:
     if fine == "kidneys":
         return ("kidney_right", "kidney_left")
     return (fine,)
+
+
+#: The ``--label-map`` target that turns a source label's voxels into background.
+BACKGROUND = "background"
+
+
+def normalise_label_map(label_map: Mapping[str, str] | None) -> dict[str, str]:
+    """``{source label name: target}`` with lower-case names and checked targets (``background`` or
+    any name :func:`expand_fine` knows); a usage error naming the bad entry otherwise."""
+    out: dict[str, str] = {}
+    for name, target in (label_map or {}).items():
+        key, value = str(name).strip().lower(), str(target).strip().lower()
+        if not key or not value:
+            raise FedginError(f"--label-map takes NAME=ORGAN or NAME=background, got {name}={target}")
+        if key == BACKGROUND:
+            raise FedginError("--label-map cannot remap 'background' (label 0)")
+        if value != BACKGROUND:
+            try:
+                expand_fine(value)
+            except KeyError:
+                raise FedginError(f"--label-map {name}={target}: unknown organ {target!r}; expected background "
+                                  f"or one of {', '.join(FINE_ORGANS)}, kidneys (or an alias of one)") from None
+        if out.get(key, value) != value:
+            raise FedginError(f"--label-map maps {name!r} twice ({out[key]} and {value})")
+        out[key] = value
+    return out
+
+
+def parse_label_map(entries: Iterable[str] | None) -> dict[str, str] | None:
+    """``--label-map`` arguments (``NAME=ORGAN`` or ``NAME=background``) as a checked
+    :func:`normalise_label_map` dict; None when there are none."""
+    out: dict[str, str] = {}
+    for entry in entries or ():
+        name, sep, target = str(entry).partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise FedginError(f"--label-map takes NAME=ORGAN or NAME=background, got {entry!r}")
+        ((key, value),) = normalise_label_map({name: target}).items()
+        if out.get(key, value) != value:
+            raise FedginError(f"--label-map maps {name.strip()!r} twice ({out[key]} and {value})")
+        out[key] = value
+    return out or None
+
+
+def fines_of_label(name: str, label_map: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Fine organs a source label ``name`` holds: ``label_map`` (lower-case names, as
+    :func:`normalise_label_map` gives) first, else the alias table; ``()`` for background.
+    KeyError for a name neither knows."""
+    target = (label_map or {}).get(name.strip().lower())
+    if target is None:
+        return expand_fine(name)
+    return () if target == BACKGROUND else expand_fine(target)
 
 
 SCHEMES: dict[str, LabelScheme] = {

@@ -6,6 +6,7 @@ sends is built from the trainer's results, never from these arrays.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +76,14 @@ def load_site(
     cache_dir: Path | None = None,
     modality: str | None = None,
     train_ids: list[str] | None = None,
+    label_map: Mapping[str, str] | None = None,
 ) -> SiteData:
     """Open a site's dataset, split it and preprocess its training and validation cases.
 
-    ``train_ids`` restricts training to those cases (the scenarios' limited MRI site).
+    ``train_ids`` restricts training to those cases (the scenarios' limited MRI site);
+    ``label_map`` maps source label names first (``--label-map``, see :func:`open_dataset`).
     """
-    dataset = open_dataset(dataset_path, scheme, modality=modality)
+    dataset = open_dataset(dataset_path, scheme, modality=modality, label_map=label_map)
     split = split_for(dataset.name, [c.case_id for c in dataset.cases], seed, split_file)
     ids = train_ids if train_ids is not None else list(split.train)
     train = [load_case_data(dataset.case(i), scheme, cfg, cache_dir) for i in ids]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
+from ..data.datasets import check_label_map_names
 from ..data.labels import get_scheme
 from ..data.sites import SiteData, load_site
 from ..errors import FedginError
@@ -63,14 +64,17 @@ def check_resumable(out: Path) -> None:
 
 
 def load_sites(cfg: RunConfig, train_ids: dict[str, list[str]] | None = None) -> list[SiteData]:
+    """Every site's data; a ``cfg.label_map`` name that no site's dataset labels is refused (a typo)."""
     scheme = get_scheme(cfg.scheme)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    return [
+    sites = [
         load_site(s.name, s.dataset, scheme, cfg.preprocess, seed=cfg.seed, split_file=cfg.split,
                   cache_dir=cache, modality=s.modality,
-                  train_ids=(train_ids or {}).get(s.name))
+                  train_ids=(train_ids or {}).get(s.name), label_map=cfg.label_map)
         for s in cfg.sites
     ]
+    check_label_map_names(cfg.label_map, [s.dataset for s in sites])
+    return sites
 
 
 def with_site_facts(cfg: RunConfig, sites: list[SiteData]) -> RunConfig:
@@ -173,7 +177,8 @@ def _train_one(cfg: RunConfig, out: Path, sites: list[SiteData], *, resume: bool
             metrics.write(**_epoch_line(result, site, cfg.mode, dice))
             shown.update({f"{site.name}:{k}" if len(sites) > 1 else k: round(v, 3)
                           for k, v in dice.items() if v is not None})
-        meta = {"mode": cfg.mode, "epoch": result.epoch, "seed": cfg.seed, "split": cfg.split, "time": time.time()}
+        meta = {"mode": cfg.mode, "epoch": result.epoch, "seed": cfg.seed, "split": cfg.split,
+                "label_map": cfg.label_map, "time": time.time()}
         extra = {"optimizer": trainer.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         plan = None
         if result.epoch == cfg.train.epochs:

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ from tqdm.auto import tqdm
 from ..atomic import write_text
 from ..config import package_versions
 from ..data.cache import load_case
-from ..data.datasets import CaseRef, open_dataset
-from ..data.labels import LabelScheme
+from ..data.datasets import CaseRef, Dataset, check_label_map_names, open_dataset
+from ..data.labels import LabelScheme, normalise_label_map
 from ..data.nifti import spacing_of
 from ..data.sites import test_refs
 from ..data.splits import split_for
@@ -31,12 +32,11 @@ from ..engine.trainer import resolve_device
 from ..errors import FedginError
 
 
-def select_cases(datasets: list[str], scheme: LabelScheme, *, cases: str = "test", seed: int = 0,
-                 split_file: str | None = None) -> list[CaseRef]:
-    """The cases to score: each dataset's test split (default) or all of its labelled cases."""
+def cases_to_score(datasets: list[Dataset], *, cases: str = "test", seed: int = 0,
+                   split_file: str | None = None) -> list[CaseRef]:
+    """The cases to score: each dataset's test split (``test``) or all of its labelled cases (``all``)."""
     refs: list[CaseRef] = []
-    for path in datasets:
-        dataset = open_dataset(path, scheme)
+    for dataset in datasets:
         if cases == "all":
             refs += dataset.cases + [c for c in dataset.test_cases if c.label is not None]
         elif cases == "test":
@@ -47,6 +47,19 @@ def select_cases(datasets: list[str], scheme: LabelScheme, *, cases: str = "test
     if not refs:
         raise FedginError("no labelled cases to evaluate (try --cases all)")
     return refs
+
+
+def select_cases(datasets: list[str], scheme: LabelScheme, *, cases: str = "test", seed: int = 0,
+                 split_file: str | None = None, label_map: Mapping[str, str] | None = None) -> list[CaseRef]:
+    """:func:`cases_to_score` of the dataset folders ``datasets`` (``label_map``: see :func:`open_dataset`)."""
+    opened = [open_dataset(path, scheme, label_map=label_map) for path in datasets]
+    return cases_to_score(opened, cases=cases, seed=seed, split_file=split_file)
+
+
+def merged_label_map(recorded: Mapping[str, str] | None, given: Mapping[str, str] | None) -> dict[str, str] | None:
+    """The label map a model (or its predictions) recorded, with the command line's entries on top."""
+    merged = {**normalise_label_map(recorded), **normalise_label_map(given)}
+    return merged or None
 
 
 def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.device | None = None,
@@ -122,15 +135,19 @@ def mean_dice_lines(summary: dict) -> list[str]:
             if modality != "all" and stats["mean_dice"] is not None]
 
 
-def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dict) -> dict:
-    """Write ``summary.json`` (nnU-Net-like), ``metrics.csv`` and ``summary.md`` into ``out``."""
+def write_evaluation(out: Path, records: list[dict], scheme: LabelScheme, args: dict, *,
+                     model: str | None, model_meta: dict | None, predictions: str | None = None) -> dict:
+    """Write ``summary.json`` (nnU-Net-like), ``metrics.csv`` and ``summary.md`` into ``out``.
+
+    ``model`` (None: not known) made the scored labels, or ``predictions`` holds them (``--pred``)."""
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "metric_per_case": records,
-        "by_modality": summarise(records, ckpt.scheme),
-        "scheme": ckpt.scheme.to_dict(),
-        "model": str(ckpt.path),
-        "model_meta": ckpt.meta,
+        "by_modality": summarise(records, scheme),
+        "scheme": scheme.to_dict(),
+        "model": model,
+        "model_meta": model_meta,
+        **({"predictions": predictions} if predictions is not None else {}),
         "arguments": args,
         "versions": package_versions(),
         "null_means": "organ not annotated in the case, or absent from both prediction and reference "
@@ -148,24 +165,30 @@ def write_evaluation(out: Path, records: list[dict], ckpt: Checkpoint, args: dic
                              "" if m.get("missed") is None else m["missed"],
                              "" if m.get("false_positive") is None else m["false_positive"]])
     write_text(out / "metrics.csv", buf.getvalue())
-    write_text(out / "summary.md", summary_markdown(summary, ckpt.scheme))
+    write_text(out / "summary.md", summary_markdown(summary, scheme))
     return summary
 
 
 def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", seed: int | None = None,
              split_file: str | None = None, device: str = "auto", cache_dir: str | None = None,
-             postprocess: bool = True) -> dict:
+             postprocess: bool = True, label_map: Mapping[str, str] | None = None) -> dict:
     """Score a model; the split (seed and split file) defaults to the one the model was trained with,
     so a model is never scored on its own training cases by accident. ``postprocess`` False scores
-    the raw predictions (the checkpoint's post-processing plan is not applied)."""
+    the raw predictions (the checkpoint's post-processing plan is not applied). The label map is the
+    one the model was trained with (checkpoint meta), ``label_map``'s entries on top; a name of
+    ``label_map`` that no dataset labels is refused."""
     ckpt = load_checkpoint(model)
     if seed is None:
         seed = int(ckpt.meta.get("seed", 0))
     if split_file is None:
         split_file = ckpt.meta.get("split")
-    refs = select_cases(datasets, ckpt.scheme, cases=cases, seed=seed, split_file=split_file)
+    effective = merged_label_map(ckpt.meta.get("label_map"), label_map)
+    opened = [open_dataset(path, ckpt.scheme, label_map=effective) for path in datasets]
+    check_label_map_names(label_map, opened)
+    refs = cases_to_score(opened, cases=cases, seed=seed, split_file=split_file)
     records = evaluate_cases(ckpt, refs, device=resolve_device(device),
                              cache_dir=Path(cache_dir) if cache_dir else None, postprocess=postprocess)
     args = {"model": model, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
-            "postprocess": postprocess, "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
-    return write_evaluation(Path(out), records, ckpt, args)
+            "label_map": effective, "postprocess": postprocess,
+            "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
+    return write_evaluation(Path(out), records, ckpt.scheme, args, model=str(ckpt.path), model_meta=ckpt.meta)

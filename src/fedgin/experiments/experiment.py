@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig, SiteSpec, resolve
-from ..data.datasets import open_dataset
+from ..data.datasets import check_label_map_names, open_dataset
 from ..data.labels import get_scheme
 from ..data.splits import split_for
 from ..errors import FedginError
@@ -104,7 +104,8 @@ def _split_probability(suffix: str) -> tuple[str, float | None]:
 
 
 def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[str, str], seed: int,
-                         split_file: str | None, scheme_name: str) -> dict[str, list[str]] | None:
+                         split_file: str | None, scheme_name: str,
+                         label_map: dict[str, str] | None = None) -> dict[str, list[str]] | None:
     """``limited-1toK``: the MRI site keeps 1 training case per K CT training cases (at least 1),
     drawn by seed; ``complete``: None (all training cases)."""
     if scenario == "complete":
@@ -116,7 +117,7 @@ def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[
     scheme = get_scheme(scheme_name)
     train_ids = {}
     for site in sites:
-        dataset = open_dataset(site.dataset, scheme)
+        dataset = open_dataset(site.dataset, scheme, label_map=label_map)
         split = split_for(dataset.name, [c.case_id for c in dataset.cases], seed, split_file)
         train_ids[site.name] = list(split.train)
     n_ct = sum(len(train_ids[s.name]) for s in sites if modalities[s.name] == "CT")
@@ -133,10 +134,11 @@ def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[
 def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str], seeds: int, out: Path, *,
                    preset: str = "quick", rounds: int | None = None, local_epochs: int | None = None,
                    steps_per_epoch: int | None = None, split_file: str | None = None, cache_dir: str | None = None,
-                   overlays: bool = True, log=print) -> Path:
+                   overlays: bool = True, label_map: dict[str, str] | None = None, log=print) -> Path:
     """Train and evaluate every (scenario, method, seed); write results and the report into ``out``.
 
-    ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images).
+    ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images);
+    ``label_map`` (``--label-map``) goes into every run's config and so into its evaluation.
     """
     from ..engine.runs import train_non_federated
     from ..evaluation.scoring import evaluate
@@ -144,21 +146,23 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
     parsed = [parse_method(m) for m in methods]
     scheme = get_scheme("abdomen5")
-    modalities = {s.name: open_dataset(s.dataset, scheme).modality for s in sites}
+    opened = {s.name: open_dataset(s.dataset, scheme, label_map=label_map) for s in sites}
+    check_label_map_names(label_map, opened.values())
+    modalities = {name: dataset.modality for name, dataset in opened.items()}
     if sorted(modalities.values()).count("CT") < 1 or "MRI" not in modalities.values():
         raise FedginError("an experiment needs at least one CT site and one MRI site")
     out.mkdir(parents=True, exist_ok=True)
     datasets = [s.dataset for s in sites]
     for scenario in scenarios:
         for seed in range(seeds):
-            limits = scenario_train_cases(scenario, sites, modalities, seed, split_file, scheme.name)
+            limits = scenario_train_cases(scenario, sites, modalities, seed, split_file, scheme.name, label_map)
             for method in parsed:
                 run = run_dir(out, scenario, method.name, seed)
                 eval_dir = run / "eval"
                 base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
                                train_overrides={**method.train_overrides, "steps_per_epoch": steps_per_epoch},
                                seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
-                               local_epochs=local_epochs)
+                               local_epochs=local_epochs, label_map=label_map)
                 if (eval_dir / "summary.json").exists():
                     _check_same_recipe(run, base)
                     log(f"[{scenario} {method.name} seed {seed}] done before, reused")
@@ -187,7 +191,7 @@ def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods
                             out: Path, *, argv: list[str], preset: str = "quick", rounds: int | None = None,
                             local_epochs: int | None = None, steps_per_epoch: int | None = None,
                             split_file: str | None = None, cache_dir: str | None = None,
-                            overlays: bool = True) -> Path:
+                            overlays: bool = True, label_map: dict[str, str] | None = None) -> Path:
     """``fedgin experiment``: :func:`run_experiment` with its provenance in ``out/experiment.json``.
 
     Before the run: the command (``argv``, the arguments after ``fedgin``), date and machine; after
@@ -203,7 +207,8 @@ def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"}
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
     run_experiment(sites, scenarios, methods, seeds, out, preset=preset, rounds=rounds, local_epochs=local_epochs,
-                   steps_per_epoch=steps_per_epoch, split_file=split_file, cache_dir=cache_dir, overlays=overlays)
+                   steps_per_epoch=steps_per_epoch, split_file=split_file, cache_dir=cache_dir, overlays=overlays,
+                   label_map=label_map)
     meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
     meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, seeds
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
@@ -233,6 +238,8 @@ def _compare_recipe(run: Path, stored: dict, expected: dict) -> None:
     differ += [part for part in ("model", "preprocess") if stored.get(part) != expected[part]]
     if stored.get("rounds") != expected["rounds"] or stored.get("local_epochs") != expected["local_epochs"]:
         differ.append("rounds/local_epochs")
+    if stored.get("label_map") != expected.get("label_map"):
+        differ.append("label_map")
     if differ:
         raise FedginError(f"{run}: a finished run with other settings than this experiment's ({', '.join(differ)}); "
                           "use another --out, or delete that run to retrain it")

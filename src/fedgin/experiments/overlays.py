@@ -202,8 +202,8 @@ def _draw_scenario(out: Path, scenario: str, runs: dict[str, FinishedRun], notes
     first = next(iter(runs.values()))
     scheme, preprocess = first.inputs
     args = first.summary["arguments"]
-    refs = first_cases(select_cases(args["data"], scheme, seed=args["seed"], split_file=args["split"]),
-                       per_modality)
+    refs = first_cases(select_cases(args["data"], scheme, seed=args["seed"], split_file=args["split"],
+                                    label_map=args.get("label_map")), per_modality)
     models = {m: r.checkpoint.build(device) for m, r in runs.items()}
     cache = cache_dir or first.cache_dir
     written = []

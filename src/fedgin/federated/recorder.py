@@ -87,7 +87,7 @@ class RoundRecorder:
         state = numpy_to_state(arrays, reference)
         plan, decision = self.decide_postprocessing(server_round)
         meta = {"mode": "federated", "round": server_round, "strategy": self.cfg.strategy, "seed": self.cfg.seed,
-                "split": self.cfg.split,
+                "split": self.cfg.split, "label_map": self.cfg.label_map,
                 "gin": self.cfg.train.gin, "sites_replied": len(train), "time": time.time(),
                 "postprocess": decision}
         # written before the checkpoints: a round whose checkpoint exists has its decision

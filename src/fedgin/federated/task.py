@@ -90,7 +90,8 @@ def _cached_site(name: str, dataset: str, modality: str | None, cfg_json: str,
     cfg = run_config_from_json(cfg_json)
     return load_site(name, dataset, get_scheme(cfg.scheme), cfg.preprocess, seed=cfg.seed,
                      split_file=cfg.split, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                     modality=modality, train_ids=list(train_ids) if train_ids is not None else None)
+                     modality=modality, train_ids=list(train_ids) if train_ids is not None else None,
+                     label_map=cfg.label_map)
 
 
 def site_data(cfg: RunConfig, site: SiteSpec, train_ids: list[str] | None = None) -> SiteData:

@@ -1,0 +1,191 @@
+"""``fedgin evaluate --pred DIR --ref DATASET``: score label maps written by any tool.
+
+The counterpart of ``nnUNetv2_evaluate_folder``, with ``fedgin evaluate --model``'s metrics and
+files (``summary.json``, ``metrics.csv``, ``summary.md``). ``DIR`` holds one label map per case,
+``{case_id}.nii.gz`` (or ``.nii``; no ``_0000`` suffix), on the reference case's grid (shape and
+affine). Which organ a prediction id is: ``DIR/labels.json`` (``{name: id}``, as ``fedgin predict``
+writes), else ``DIR/dataset.json``'s ``labels`` (``nnUNetv2_predict`` copies its model's there), else
+the reference dataset's own label ids; ``--label-map`` applies to those names too. Predictions are
+scored as they are: no post-processing.
+
+Where ``DIR`` has a ``provenance.json`` (``fedgin predict``), its model's label scheme, split seed,
+split file and label map are the defaults, as ``--model`` takes them from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..data.datasets import (
+    CaseRef,
+    Dataset,
+    _read_json,
+    check_label_map_names,
+    check_same_grid,
+    map_label_ids,
+    open_dataset,
+    scheme_lut,
+)
+from ..data.labels import DEFAULT_SCHEME, LabelScheme, get_scheme
+from ..data.nifti import read_header_info, read_volume, spacing_of
+from ..engine.metrics import case_metrics
+from ..errors import DataError, FedginError
+from .prediction import NIFTI_ENDINGS
+from .scoring import cases_to_score, merged_label_map, write_evaluation
+
+#: ``--cases`` for predictions: the labelled reference cases that have a prediction file (default),
+#: or each reference's test split / every labelled case, all of which must have one.
+PRED_CASES = ("predicted", "test", "all")
+
+
+def prediction_files(folder: Path) -> dict[str, Path]:
+    """``{case id: file}`` of the NIfTI files in ``folder`` (case id: the name without ``.nii.gz``/``.nii``)."""
+    if not folder.exists():
+        raise DataError(folder, "prediction folder not found")
+    if not folder.is_dir():
+        raise DataError(folder, "expected a folder of predictions ({case_id}.nii.gz)")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        ending = next((e for e in NIFTI_ENDINGS if path.name.endswith(e)), None)
+        if ending is None or not path.is_file():
+            continue
+        case = path.name[: -len(ending)]
+        if case in files:
+            raise DataError(path, f"a second prediction for case {case} (also {files[case].name})")
+        files[case] = path
+    if not files:
+        raise DataError(folder, "no .nii or .nii.gz files in folder")
+    return files
+
+
+def read_provenance(folder: Path) -> dict:
+    """``folder/provenance.json`` (``fedgin predict``'s), or ``{}`` where there is none."""
+    path = folder / "provenance.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def prediction_labels(folder: Path) -> tuple[dict, Path] | None:
+    """``{name: id}`` of the predictions and the file that says so: ``labels.json``, else the
+    ``labels`` of a ``dataset.json`` in ``folder``; None where neither is there."""
+    labels_json, dataset_json = folder / "labels.json", folder / "dataset.json"
+    if labels_json.is_file():
+        labels = _read_json(labels_json)
+        return labels, labels_json
+    if dataset_json.is_file():
+        labels = _read_json(dataset_json).get("labels")
+        if not isinstance(labels, dict):
+            raise DataError(dataset_json, "labels must be an object of name -> id")
+        return labels, dataset_json
+    return None
+
+
+def _pick_cases(opened: list[Dataset], files: dict[str, Path], folder: Path, *, cases: str, seed: int,
+                split_file: str | None) -> list[CaseRef]:
+    if cases == "predicted":
+        labelled = cases_to_score(opened, cases="all")
+        refs = [r for r in labelled if r.case_id in files]
+        if not refs:
+            raise DataError(folder, f"no prediction is named after a labelled reference case "
+                                    f"(expected names such as {labelled[0].case_id}.nii.gz)")
+    else:
+        refs = cases_to_score(opened, cases=cases, seed=seed, split_file=split_file)
+        missing = [r.case_id for r in refs if r.case_id not in files]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DataError(folder, f"no prediction for {len(missing)} of {len(refs)} reference cases "
+                                    f"({shown}); --cases predicted scores only the cases that have one")
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if ref.case_id in seen:
+            raise FedginError(f"case {ref.case_id} is in reference datasets {seen[ref.case_id]} and {ref.dataset}: "
+                              "one prediction file cannot stand for both; evaluate them one --ref at a time")
+        seen[ref.case_id] = ref.dataset
+    return refs
+
+
+def _check_grids(refs: list[CaseRef], files: dict[str, Path]) -> None:
+    """Every prediction on its reference's grid, from the headers alone (before any scoring)."""
+    for ref in refs:
+        path = files[ref.case_id]
+        shape, affine = read_header_info(path)
+        ref_shape, ref_affine = read_header_info(ref.image)
+        check_same_grid(path, _spatial(ref_shape), ref_affine, _spatial(shape), affine,
+                        what="prediction", against="reference")
+
+
+def _spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
+
+
+def _luts(refs: list[CaseRef], folder: Path, scheme: LabelScheme, label_map: Mapping[str, str] | None,
+          labels: tuple[dict, Path] | None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per case: the LUT prediction id -> scheme id, and what it comes from (for errors)."""
+    if labels is not None:
+        lut, _ = scheme_lut(labels[0], scheme, labels[1], label_map)
+        return {r.case_id: (lut, labels[1].name) for r in refs}
+    out = {}
+    for ref in refs:
+        if ref.lut is None:
+            raise DataError(folder, f"no labels.json to say which organ each prediction id is, and reference "
+                                    f"{ref.dataset} ({ref.source}) has no label ids to go by")
+        out[ref.case_id] = (ref.lut, f"reference {ref.dataset}'s label ids")
+    return out
+
+
+def score_predictions(refs: list[CaseRef], files: dict[str, Path], luts: dict, scheme: LabelScheme, *,
+                      with_hd95: bool = True) -> list[dict]:
+    """One record per case, as :func:`~fedgin.evaluation.scoring.evaluate_cases` gives, plus the
+    prediction file."""
+    organs = {o: i for o, i in scheme.label_ids.items() if i > 0}
+    records = []
+    for ref in tqdm(refs, desc="evaluate", unit="case", leave=False, disable=None):
+        start = time.perf_counter()
+        _, reference, affine = ref.read(scheme)
+        path = files[ref.case_id]
+        raw, pred_affine = read_volume(path, kind="label")
+        check_same_grid(path, reference.shape, affine, raw.shape, pred_affine, what="prediction", against="reference")
+        lut, source = luts[ref.case_id]
+        pred = map_label_ids(raw, lut, path, source)
+        scores = case_metrics(pred, reference, organs, ref.annotated, spacing_of(affine), with_hd95=with_hd95)
+        records.append({"case": ref.case_id, "dataset": ref.dataset, "modality": ref.modality,
+                        "annotated": list(ref.annotated), "metrics": scores, "prediction_file": str(path),
+                        "seconds": time.perf_counter() - start})
+    return records
+
+
+def evaluate_folder(pred: str, datasets: list[str], out: str, *, cases: str = "predicted", seed: int | None = None,
+                    split_file: str | None = None, scheme: str | None = None,
+                    label_map: Mapping[str, str] | None = None) -> dict:
+    """Score the label maps in ``pred`` against the reference ``datasets``; writes ``out`` (see
+    :func:`~fedgin.evaluation.scoring.write_evaluation`). ``cases``: one of :data:`PRED_CASES`;
+    ``seed``/``split_file`` choose the test split (``cases="test"``). ``label_map``'s names must
+    each label something in the references or the predictions."""
+    if cases not in PRED_CASES:
+        raise FedginError(f"--cases must be one of {', '.join(PRED_CASES)}, got {cases!r}")
+    folder = Path(pred)
+    files = prediction_files(folder)
+    provenance = read_provenance(folder)
+    meta = provenance.get("model_meta") if isinstance(provenance.get("model_meta"), dict) else {}
+    recorded_scheme = provenance.get("scheme", {}).get("name") if isinstance(provenance.get("scheme"), dict) else None
+    label_scheme = get_scheme(scheme or recorded_scheme or DEFAULT_SCHEME)
+    seed = int(meta.get("seed", 0)) if seed is None else seed
+    split_file = meta.get("split") if split_file is None else split_file
+    effective = merged_label_map(meta.get("label_map"), label_map)
+    opened = [open_dataset(path, label_scheme, label_map=effective) for path in datasets]
+    labels = prediction_labels(folder)
+    names = [str(n) for n in labels[0]] if labels is not None else []
+    check_label_map_names(label_map, opened, names)
+    refs = _pick_cases(opened, files, folder, cases=cases, seed=seed, split_file=split_file)
+    luts = _luts(refs, folder, label_scheme, effective, labels)
+    _check_grids(refs, files)
+    records = score_predictions(refs, files, luts, label_scheme)
+    args = {"pred": pred, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
+            "scheme": label_scheme.name, "label_map": effective,
+            "labels_from": str(labels[1]) if labels is not None else "reference datasets", "postprocess": False}
+    model = provenance.get("model")
+    return write_evaluation(Path(out), records, label_scheme, args, model=str(model) if model else None,
+                            model_meta=meta or None, predictions=str(folder))
