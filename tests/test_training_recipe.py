@@ -22,15 +22,14 @@ from fedgin.engine.runs import load_sites, train_non_federated
 from fedgin.engine.trainer import Trainer, poly_lr
 from fedgin.federated import client_app
 from fedgin.federated.task import run_config_to_json, state_to_numpy, train_round
-from fedgin.synthetic import write_phantom_datasets
 from loopback import tiny_config
 
 SCHEME = get_scheme("abdomen5")
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> dict[str, Path]:
-    ct, mri = write_phantom_datasets(tmp_path_factory.mktemp("phantoms"), n_ct=3, n_mri=3, seed=0)
+def sites(phantom_datasets) -> dict[str, Path]:
+    ct, mri = phantom_datasets(3, 3)
     return {"ct": ct, "mri": mri}
 
 
@@ -142,6 +141,56 @@ def test_the_client_keeps_its_optimiser_in_context_state_and_a_resume_restores_i
     (state_dir / "ct" / "optimizer_round_002.pt").unlink()
     fresh = _reply_arrays(client_app.app(_train_message(cfg, arrays[3], 3), _context(state_dir)))
     assert any(not np.array_equal(fresh[k], v) for k, v in arrays[4].items() if v.dtype.kind == "f")
+
+
+def test_site_state_is_keyed_by_run_so_a_later_run_on_the_same_state_dir_starts_clean(sites, tmp_path):
+    """A SuperNode's state-dir outlives runs: a second FedBN run there must start from neither the
+    first run's normalisation layers nor its optimiser, while the first run, resumed, finds both."""
+    base = replace(tiny_config(tmp_path / "run", {"ct": sites["ct"]}, rounds=2, strategy="fedbn"),
+                   train=replace(tiny_config(tmp_path, {}).train, validate=False))
+    first, second = replace(base, run_id="run0000first"), replace(base, run_id="run000second")
+    state_dir = tmp_path / "state"
+    site = first.sites[0]
+    _reply_arrays(client_app.app(_train_message(first, _global(first), 1), _context(state_dir)))
+    own = state_dir / "ct" / "run0000first"
+    assert (own / "local_norm_layers.npz").is_file() and (own / "optimizer_round_001.pt").is_file()
+
+    later = _context(state_dir)
+    assert client_app._local_arrays(later, second, site) is None
+    assert client_app.load_optimizer_state(later, second, site, 2) is None
+    _reply_arrays(client_app.app(_train_message(second, _global(second), 1), later))
+    assert sorted(p.name for p in (state_dir / "ct").iterdir()) == ["run0000first", "run000second"]
+
+    resumed = _context(state_dir)  # the first run resumed: a new Flower run, the same run id
+    assert client_app._local_arrays(resumed, first, site) is not None
+    assert client_app.load_optimizer_state(resumed, first, site, 2) is not None
+
+
+def test_a_run_draws_its_id_when_created_and_keeps_it_on_resume(tmp_path):
+    from fedgin.engine.runs import prepare_run_dir
+    from fedgin.federated.server_app import config_from_run_config
+
+    def recorded(out: Path) -> str | None:
+        return json.loads((out / "config.json").read_text())["run_id"]
+
+    cfg = tiny_config(tmp_path / "a", {"ct": "-"})
+    prepare_run_dir(cfg, resume=False)
+    first = recorded(tmp_path / "a")
+    assert first and len(first) == 12
+    prepare_run_dir(cfg, resume=True)
+    assert recorded(tmp_path / "a") == first
+    prepare_run_dir(replace(cfg, out=str(tmp_path / "b")), resume=False)
+    assert recorded(tmp_path / "b") != first
+    # a run from before run ids keeps none on resume (its sites' state stays where it was)
+    legacy = json.loads((tmp_path / "a" / "config.json").read_text())
+    legacy.pop("run_id")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(legacy))
+    prepare_run_dir(cfg, resume=True)
+    assert recorded(tmp_path / "a") is None
+    # flwr run: the same out again (a resume after a coordinator crash) keeps the id
+    keys = {"sites": "ct=- mri=-", "out": str(tmp_path / "deployed"), "rounds": 2}
+    deployed = config_from_run_config(keys).run_id
+    assert deployed and config_from_run_config(keys).run_id == deployed
 
 
 # --- intensity augmentation, views and consistency -------------------------------------------------

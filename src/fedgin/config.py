@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -106,6 +107,20 @@ class SiteSpec:
     split: str | None = None
 
 
+def new_run_id() -> str:
+    """A fresh run identity (12 hex digits, random)."""
+    return uuid.uuid4().hex[:12]
+
+
+def recorded_run_id(out: Path) -> str | None:
+    """The run id in ``out/config.json`` (None if there is none, or the run predates run ids)."""
+    path = Path(out) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; written to ``RUN/config.json``."""
@@ -131,6 +146,10 @@ class RunConfig:
     postprocess: bool = True  # decide a post-processing plan on validation cases (fedgin.engine.postprocess)
     # --label-map: source label name (lower case) -> fine organ, alias or "background"; None: none
     label_map: dict[str, str] | None = None
+    # the run's identity, drawn when its run dir is created and kept on --resume; a site keys its
+    # state (optimiser, FedBN layers) by it, so two runs sharing a SuperNode's state-dir never mix.
+    # None: a run from before fedgin recorded one (its sites keep state-dir/<site>/ as then)
+    run_id: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

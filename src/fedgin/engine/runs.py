@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, new_run_id, recorded_run_id
 from ..data.datasets import check_label_map_names
 from ..data.labels import get_scheme
 from ..data.sites import SiteData, load_site
@@ -53,6 +53,9 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
             raise FedginError(f"{out}: run dir exists; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
+    # a resumed run keeps its identity (None for a run from before run ids); a new one draws one
+    resuming = resume and (out / "config.json").exists()
+    cfg = replace(cfg, run_id=recorded_run_id(out) if resuming else new_run_id())
     cfg.write(out / "config.json")
     return out
 

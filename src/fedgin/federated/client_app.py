@@ -57,9 +57,17 @@ def resolve_site(context: Context, cfg: RunConfig) -> tuple[SiteSpec, int]:
     return cfg.sites[pid], pid
 
 
+def site_state_dir(context: Context, cfg: RunConfig, site: SiteSpec) -> Path:
+    """Where this site keeps its state of this run: ``STATE/<site>/<run id>/`` (``STATE``: the
+    SuperNode's ``state-dir``, or ``RUN/site-state`` in simulation). Keyed by the run, so a later
+    run on the same SuperNode starts from nothing of an earlier one's, while a resumed run (same
+    id) finds its own; a run without an id (older fedgin) keeps ``STATE/<site>/``."""
+    root = Path(str(context.node_config.get("state-dir") or Path(cfg.out) / "site-state")) / site.name
+    return root / cfg.run_id if cfg.run_id else root
+
+
 def _local_state_path(context: Context, cfg: RunConfig, site: SiteSpec) -> Path:
-    root = context.node_config.get("state-dir") or Path(cfg.out) / "site-state"
-    return Path(str(root)) / site.name / "local_norm_layers.npz"
+    return site_state_dir(context, cfg, site) / "local_norm_layers.npz"
 
 
 def _local_arrays(context, cfg, site) -> dict[str, np.ndarray] | None:

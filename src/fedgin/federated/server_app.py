@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import RunConfig, SiteSpec, resolve
+from ..config import RunConfig, SiteSpec, new_run_id, recorded_run_id, resolve
 from ..engine.model import build_model
 from ..errors import FedginError
 from .recorder import RoundRecorder
@@ -61,8 +62,13 @@ def config_from_run_config(run_config: dict) -> RunConfig:
                   rounds=int(run_config.get("rounds", 3)), local_epochs=int(run_config.get("local-epochs", 1)),
                   strategy=str(run_config.get("strategy", "fedavg")), seed=int(run_config.get("seed", 0)),
                   min_sites=min_sites or None, round_timeout=float(run_config.get("round-timeout", 1800)))
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    cfg.write(Path(cfg.out) / "config.json")
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # `flwr run` again on the same out resumes that run: it keeps the run's identity, by which the
+    # sites key their state
+    existing = (out_dir / "config.json").exists()
+    cfg = replace(cfg, run_id=recorded_run_id(out_dir) if existing else new_run_id())
+    cfg.write(out_dir / "config.json")
     return cfg
 
 
