@@ -365,15 +365,106 @@ def test_load_checkpoint_refuses_output_channels_that_contradict_the_scheme(tmp_
 ], ids=["no-equals", "no-name", "no-dataset"])
 def test_site_without_name_equals_dataset_is_a_usage_error(argv, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path) for a in argv]
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    assert info.value.code == 2
-    assert "Traceback" not in out + err
+    line = refused(capsys, argv, [tmp_path])
     site = argv[argv.index("--site") + 1]
-    assert err.splitlines()[-1] == (f"fedgin {argv[0]}: error: argument --site: --site takes NAME=DATASET, "
-                                    f"got {site!r}")
+    assert line == (f"fedgin: error: argument --site: --site takes NAME=DATASET, got {site!r} "
+                    f"(see fedgin {argv[0]} --help)")
     assert not (tmp_path / "run").exists()
+
+
+def _run_dir(tmp_path: Path, checkpoint: Path, names: tuple[str, ...]) -> Path:
+    """A run dir whose ``checkpoints/`` holds copies of ``checkpoint`` under ``names``."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in names:
+        (run / "checkpoints" / f"{name}.pt").write_bytes(checkpoint.read_bytes())
+    return run
+
+
+def _train(site: str, *extra) -> list:
+    return ["train", "--mode", "local", "--site", site, "--out", "{tmp}/run-out", *TINY, *extra]
+
+
+def _federate(site: str, *extra) -> list:
+    return ["federate", "--site", site, "--out", "{tmp}/run-out", *TINY, *extra]
+
+
+def _predict(*extra, model="{model}", output="{tmp}/pred") -> list:
+    return ["predict", "-i", "{image}", "-o", output, "--model", model, *extra]
+
+
+def _argument(option: str, problem: str, command: str) -> str:
+    return rf"fedgin: error: argument {re.escape(option)}: {problem} \(see fedgin {command} --help\)"
+
+
+MISUSE = {  # argv -> the whole error line, a regex; {tmp}, {data}, {image}, {model}, {run}, {file} filled in
+    "predict-output-is-a-file": (_predict(output="{file}"),
+                                 r"fedgin: error: {file}: exists and is not a folder \(-o takes an output folder\)"),
+    "predict-input-not-nifti": (["predict", "-i", "{file}", "-o", "{tmp}/pred", "--model", "{model}"],
+                                r"fedgin: error: {file}: not a NIfTI file \(-i takes a \.nii or \.nii\.gz file "
+                                r"or a folder of them\)"),
+    "predict-bad-modality": (_predict("--modality", "PET"),
+                             _argument("--modality", r"invalid choice: 'PET' \(choose from .*\)", "predict")),
+    "predict-no-model": (["predict", "-i", "{image}", "-o", "{tmp}/pred"],
+                         r"fedgin: error: the following arguments are required: --model \(see fedgin predict --help\)"),
+    "predict-checkpoint-with-a-file": (_predict("--checkpoint", "last"),
+                                       r"fedgin: error: --checkpoint picks a checkpoint of a run dir, but --model "
+                                       r"{model} is a checkpoint file"),
+    "predict-checkpoint-best": (_predict("--checkpoint", "best", model="{run}"),
+                                r"fedgin: error: --checkpoint takes last, round_N or epoch_N, got 'best'"),
+    "predict-checkpoint-not-in-run": (_predict("--checkpoint", "round_9", model="{run}"),
+                                      r"fedgin: error: {run}: no checkpoint round_009 in this run dir "
+                                      r"\(it has: last, round_001\.\.round_003, round_005\)"),
+    "predict-epoch-of-a-federated-run": (_predict("--checkpoint", "epoch_1", model="{run}"),
+                                         r"fedgin: error: {run}: no checkpoint epoch_001 in this run dir .*"),
+    "federate-rounds-0": (_federate("ct={data}", "--rounds", "0"),
+                          _argument("--rounds", "must be a positive integer, got '0'", "federate")),
+    "federate-rounds-negative": (_federate("ct={data}", "--rounds", "-2"),
+                                 _argument("--rounds", "must be a positive integer, got '-2'", "federate")),
+    "federate-local-epochs-0": (_federate("ct={data}", "--local-epochs", "0"),
+                                _argument("--local-epochs", "must be a positive integer, got '0'", "federate")),
+    "federate-threads-negative": (_federate("ct={data}", "--threads", "-1"),
+                                  _argument("--threads", "must be a positive integer, got '-1'", "federate")),
+    "federate-dataset-is-a-file": (_federate("ct={file}"), r"fedgin: error: {file}: expected a dataset folder"),
+    "federate-bad-strategy": (_federate("ct={data}", "--strategy", "fedsgd"),
+                              _argument("--strategy", r"invalid choice: 'fedsgd' \(choose from .*\)", "federate")),
+    "train-epochs-0": (_train("ct={data}", "--epochs", "0"),
+                       _argument("--epochs", "must be a positive integer, got '0'", "train")),
+    "train-batch-size-0": (_train("ct={data}", "--batch-size", "0"),
+                           _argument("--batch-size", "must be a positive integer, got '0'", "train")),
+    "train-lr-0": (_train("ct={data}", "--lr", "0"), _argument("--lr", "must be a positive number, got '0'", "train")),
+    "train-lr-negative": (_train("ct={data}", "--lr", "-0.001"),
+                          _argument("--lr", "must be a positive number, got '-0.001'", "train")),
+    "train-lr-not-a-number": (_train("ct={data}", "--lr", "fast"),
+                              _argument("--lr", "expected a positive number, got 'fast'", "train")),
+    "train-steps-per-epoch-0": (_train("ct={data}", "--steps-per-epoch", "0"),
+                                _argument("--steps-per-epoch", "must be a positive integer, got '0'", "train")),
+    "train-threads-negative": (_train("ct={data}", "--threads", "-1"),
+                               _argument("--threads", "must be a positive integer, got '-1'", "train")),
+    "train-out-is-a-file": (["train", "--mode", "local", "--site", "ct={data}", "--out", "{file}", *TINY],
+                            r"fedgin: error: {file}: exists and is not a folder \(--out takes an output folder\)"),
+    "train-no-mode": (["train", "--site", "ct={data}", "--out", "{tmp}/run-out"],
+                      r"fedgin: error: the following arguments are required: --mode \(see fedgin train --help\)"),
+    "evaluate-out-is-a-file": (["evaluate", "--model", "{model}", "--data", "{data}", "--out", "{file}"],
+                               r"fedgin: error: {file}: exists and is not a folder \(--out takes an output folder\)"),
+    "no-command": ([], r"fedgin: error: the following arguments are required: command \(see fedgin --help\)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MISUSE))
+def test_command_line_misuse_is_one_line_and_writes_nothing(kind, tmp_path, checkpoint, capsys):
+    """Every misuse of the command line, argparse's own refusals included, is the one line of bad
+    data: exit code 2, ``fedgin: error: ...``, no traceback, no usage block, nothing written."""
+    data = write_nnunet(tmp_path / "Dataset001_Site")
+    places = {"tmp": tmp_path, "data": data, "image": data / "imagesTr" / "case_000_0000.nii.gz",
+              "model": checkpoint, "run": _run_dir(tmp_path, checkpoint, ("last", "round_001", "round_002",
+                                                                           "round_003", "round_005")),
+              "file": tmp_path / "notes.txt"}
+    places["file"].write_text("not a folder, not a volume")
+    argv, expected = MISUSE[kind]
+    line = refused(capsys, [str(a).format(**places) for a in argv], [tmp_path, checkpoint])
+    pattern = expected.format(**{name: re.escape(str(value)) for name, value in places.items()})
+    assert re.fullmatch(pattern, line), line
 
 
 def test_debug_shows_the_traceback(tmp_path, checkpoint, capsys):

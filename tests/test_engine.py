@@ -545,6 +545,125 @@ def test_predict_refuses_two_inputs_with_one_output_name(capsys, tmp_path, sites
     assert not out.exists()
 
 
+def _with_header(src: Path, dest: Path, *, qform_code: int, sform_code: int) -> Path:
+    """``src``'s voxels under a header with its own qform and sform codes, a qform that differs
+    from the sform by a shift, mm + sec units, a TR and a descrip."""
+    original = nib.load(str(src))
+    img = nib.Nifti1Image(np.asanyarray(original.dataobj), original.affine)
+    qform = original.affine.copy()
+    qform[:3, 3] += (1.5, -2.0, 0.5)
+    img.set_qform(qform, code=qform_code)
+    img.set_sform(original.affine, code=sform_code)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 2.5
+    img.header["descrip"] = b"scanner 7 protocol abdomen"
+    img.header["cal_min"], img.header["cal_max"] = -125, 275
+    nib.save(img, str(dest))
+    return dest
+
+
+def test_predict_writes_the_inputs_header_through(capsys, tmp_path, sites, ct_model):
+    """qform and sform codes and matrices, units, pixdim and descrip of the input, in the label map
+    and in every mask; uint8 without scaling; an input without sform keeps sform_code 0."""
+    ct, _ = sites
+    src = ct / "imagesTr" / "phantom_ct_000_0000.nii.gz"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    _with_header(src, inputs / "talairach_0000.nii.gz", qform_code=2, sform_code=4)
+    _with_header(src, inputs / "qonly_0000.nii.gz", qform_code=1, sform_code=0)
+    out = tmp_path / "pred"
+    rc, _, err = cli(capsys, "predict", "-i", inputs, "-o", out, "--model", ct_model, "--masks")
+    assert rc == 0, err
+    for case, codes in (("talairach", (2, 4)), ("qonly", (1, 0))):
+        source = nib.load(str(inputs / f"{case}_0000.nii.gz")).header
+        for name in [f"{case}.nii.gz"] + [f"{case}_{organ}.nii.gz" for organ in ABDOMEN5]:
+            img = nib.load(str(out / name))
+            hdr = img.header
+            assert (int(hdr["qform_code"]), int(hdr["sform_code"])) == codes, name
+            assert np.array_equal(hdr.get_qform(), source.get_qform()), name
+            assert np.array_equal(hdr.get_sform(), source.get_sform()), name
+            assert np.array_equal(img.affine, nib.load(str(inputs / f"{case}_0000.nii.gz")).affine), name
+            assert hdr.get_xyzt_units() == ("mm", "sec"), name
+            assert np.array_equal(hdr["pixdim"][:5], source["pixdim"][:5]), name
+            assert hdr["descrip"].item().startswith(b"fedgin "), name
+            assert hdr["descrip"].item().endswith(b"; scanner 7 protocol abdomen"), name
+            assert img.get_data_dtype() == np.uint8 and (hdr["cal_min"], hdr["cal_max"]) == (0, 0), name
+            assert all(np.isnan(v) or v == d for v, d in zip((hdr["scl_slope"], hdr["scl_inter"]), (1, 0))), name
+        assert nib.load(str(out / f"{case}.nii.gz")).header["descrip"].item().startswith(b"fedgin label map; ")
+
+
+def _saved_probabilities(path: Path) -> tuple[np.ndarray, list[str]]:
+    with np.load(path) as npz:  # no pickle needed
+        assert sorted(npz.files) == ["labels", "probabilities"]
+        return npz["probabilities"], list(npz["labels"])
+
+
+def test_predict_saves_probabilities_on_the_input_grid(capsys, tmp_path, sites, ct_model):
+    """``{case}.npz``: C x X x Y x Z float16 in the input's axis order; its argmax is the label map
+    before post-processing, and saving it changes no label."""
+    ct, _ = sites
+    src = ct / "imagesTr" / "phantom_ct_001_0000.nii.gz"
+    lps = nib.load(str(src)).affine
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(src, inputs / "lps_0000.nii.gz")
+    permuted = lps.copy()
+    permuted[:, :3] = lps[:, [2, 0, 1]]
+    resave(src, inputs / "permuted_0000.nii.gz", permuted, transpose=(2, 0, 1))
+    rc, _, err = cli(capsys, "predict", "-i", inputs, "-o", tmp_path / "probs", "--model", ct_model,
+                     "--save-probabilities")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "predict", "-i", inputs, "-o", tmp_path / "raw", "--model", ct_model,
+                     "--no-postprocess")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "predict", "-i", inputs, "-o", tmp_path / "raw-probs", "--model", ct_model,
+                     "--no-postprocess", "--save-probabilities")
+    assert rc == 0, err
+    assert {p.name for p in (tmp_path / "probs").iterdir()} == {
+        "labels.json", "provenance.json", "lps.nii.gz", "lps.npz", "permuted.nii.gz", "permuted.npz"}
+    assert not any(p.suffix == ".npz" for p in (tmp_path / "raw").iterdir())
+    assert json.loads((tmp_path / "probs" / "provenance.json").read_text())["arguments"]["save_probabilities"]
+    for case in ("lps", "permuted"):
+        shape = nib.load(str(inputs / f"{case}_0000.nii.gz")).shape
+        probabilities, labels = _saved_probabilities(tmp_path / "probs" / f"{case}.npz")
+        assert labels == ["background", *ABDOMEN5]
+        assert probabilities.dtype == np.float16 and probabilities.shape == (6, *shape)
+        assert np.allclose(probabilities.astype(np.float32).sum(0), 1.0, atol=1e-2)
+        raw, _, _ = nifti(tmp_path / "raw" / f"{case}.nii.gz")
+        assert np.array_equal(probabilities.argmax(0), raw), case
+        assert np.array_equal(nifti(tmp_path / "raw-probs" / f"{case}.nii.gz")[0], raw), case
+        raw_probabilities, _ = _saved_probabilities(tmp_path / "raw-probs" / f"{case}.npz")
+        assert np.array_equal(raw_probabilities, probabilities)  # saved before post-processing
+    lps_probs, _ = _saved_probabilities(tmp_path / "probs" / "lps.npz")
+    permuted_probs, _ = _saved_probabilities(tmp_path / "probs" / "permuted.npz")
+    assert np.array_equal(permuted_probs, lps_probs.transpose(0, 3, 1, 2))  # the input's axis order
+
+
+def test_predict_picks_a_checkpoint_of_the_run_dir(capsys, tmp_path, sites, central_run):
+    ct, _ = sites
+    src = ct / "imagesTr" / "phantom_ct_000_0000.nii.gz"
+    out = tmp_path / "pred"
+    rc, _, err = cli(capsys, "predict", "-i", src, "-o", out, "--model", central_run, "--checkpoint", "epoch_1")
+    assert rc == 0, err
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["model"] == prov["checkpoint"]["file"] == str(central_run / "checkpoints" / "epoch_001.pt")
+    assert prov["checkpoint"]["epoch"] == 1 and len(prov["checkpoint"]["sha256"]) == 64
+    assert prov["arguments"]["checkpoint"] == "epoch_1" and prov["arguments"]["model"] == str(central_run)
+    assert_same_grid(out / "phantom_ct_000.nii.gz", src)
+    rc, _, err = cli(capsys, "predict", "-i", src, "-o", tmp_path / "last", "--model", central_run)
+    assert rc == 0, err
+    last = json.loads((tmp_path / "last" / "provenance.json").read_text())
+    assert last["checkpoint"]["file"] == str(central_run / "checkpoints" / "last.pt")
+    assert last["checkpoint"]["epoch"] == 2 and last["arguments"]["checkpoint"] is None
+    for name, kind in (("epoch_7", "epoch_007"), ("round_1", "round_001")):
+        rc, _, err = cli(capsys, "predict", "-i", src, "-o", tmp_path / name, "--model", central_run,
+                         "--checkpoint", name)
+        assert rc == 2
+        assert one_error_line(err) == (f"fedgin: error: {central_run}: no checkpoint {kind} in this run dir "
+                                       f"(it has: last, epoch_001..epoch_002)")
+        assert not (tmp_path / name).exists()
+
+
 # --- the real bundle ------------------------------------------------------------------------------
 
 

@@ -194,11 +194,10 @@ def test_fedgin_predict_outputs_score_with_their_models_scheme_and_split(make_nn
 
 
 def test_model_and_pred_are_mutually_exclusive(reference, tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["evaluate", "--model", str(tmp_path / "m.pt"), "--pred", str(tmp_path), "--ref", str(reference),
-              "--out", str(tmp_path / "eval")])
-    assert info.value.code == 2
-    assert "not allowed with argument" in capsys.readouterr().err
+    line = refused(capsys, ["evaluate", "--model", tmp_path / "m.pt", "--pred", tmp_path, "--ref", reference,
+                            "--out", tmp_path / "eval"], [tmp_path])
+    assert line == ("fedgin: error: argument --pred: not allowed with argument --model "
+                    "(see fedgin evaluate --help)")
     line = refused(capsys, ["evaluate", "--pred", tmp_path / "no-such-dir", "--ref", reference,
                             "--out", tmp_path / "eval"], [tmp_path])
     assert_line(line, tmp_path / "no-such-dir", "prediction folder not found")

@@ -17,6 +17,7 @@ from fedgin.data.nifti import read_volume, write_volume
 from fedgin.data.preprocess import (
     Geometry,
     PreprocessConfig,
+    labels_and_probabilities_from_slices,
     labels_from_slices,
     labels_to_original,
     normalise_intensity,
@@ -163,6 +164,41 @@ def test_labels_from_slices_in_chunks_equal_the_argmax_of_the_whole_inverse(tmp_
         assert labels.dtype == np.uint8 and np.array_equal(labels, whole), size
     with pytest.raises(ValueError, match="covered"):
         labels_from_slices([(0, probs[:, :1])], pre.geometry)
+
+
+@pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))
+def test_probabilities_from_slices_equal_the_whole_inverse_in_float16(tmp_path, grid):
+    """``--save-probabilities`` inverts batch by batch into one float16 array in the input's axis
+    order: the whole inverse to float16 precision, with the labels' argmax exactly."""
+    image, label, affine = _written_case(tmp_path, grid)
+    pre = preprocess(image, affine, "CT", PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(16, 24)), label)
+    probs = torch.rand(NUM_CLASSES, *pre.label.shape, generator=torch.Generator().manual_seed(2)).softmax(0)
+    whole = probabilities_to_original(probs, pre.geometry).numpy()
+    depth = probs.shape[1]
+    for size in (1, 2, depth):
+        chunks = [(s, probs[:, s:s + size]) for s in range(0, depth, size)]
+        labels, back = labels_and_probabilities_from_slices(chunks, pre.geometry)
+        assert back.dtype == np.float16 and back.shape == (NUM_CLASSES, *grid.shape), size
+        # float16 keeps 11 significant bits: half a step near 1 is 2.4e-4, plus at most one step at a tie
+        np.testing.assert_allclose(back.astype(np.float32), whole, rtol=0, atol=1.5e-3)
+        assert np.array_equal(labels, labels_from_slices(chunks, pre.geometry)), size
+        assert np.array_equal(back.argmax(0), labels), size
+    with pytest.raises(ValueError, match="covered"):
+        labels_and_probabilities_from_slices([(0, probs[:, :1])], pre.geometry)
+
+
+def test_a_tie_made_by_float16_rounding_keeps_the_float32_winner(tmp_path):
+    """0.40000 and 0.40001 round to the same float16: the saved argmax still names class 2."""
+    grid = GRIDS["LPS"]
+    image, label, affine = _written_case(tmp_path, grid)
+    pre = preprocess(image, affine, "CT", PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(32, 32)), label)
+    probs = torch.zeros(3, *pre.label.shape)
+    probs[0], probs[1], probs[2] = 0.19999, 0.40000, 0.40001
+    assert np.float16(0.40000) == np.float16(0.40001)
+    labels, back = labels_and_probabilities_from_slices([(0, probs)], pre.geometry)
+    assert (labels == 2).all()
+    assert (back.argmax(0) == 2).all()
+    assert np.allclose(back.astype(np.float32).sum(0), 1.0, atol=2e-3)
 
 
 @pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))

@@ -1,6 +1,7 @@
 """The ``fedgin`` command line. Parses arguments, resolves one RunConfig, calls library code.
 
-Usage and data errors print one line and exit with code 2 (``--debug`` shows the traceback).
+Usage and data errors, argument errors included, print one line ``fedgin: error: ...`` and exit
+with code 2 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -11,12 +12,41 @@ import sys
 from pathlib import Path
 
 from .data.labels import parse_label_map
-from .errors import FedginError
+from .errors import DataError, FedginError
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # idle OpenMP threads sleep instead of spinning: on 2 shared cores (Ray workers, other jobs) spinning
 # threads stall each other by 10x and more
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+class UsageError(FedginError):
+    """A command line argparse refuses (bad choice, missing or malformed argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as fedgin's one line (no usage block); subcommands inherit it."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _positive(kind):
+    name = "a positive integer" if kind is int else "a positive number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be {name}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT, POSITIVE_FLOAT = _positive(int), _positive(float)
 
 
 def _site(text: str):
@@ -63,10 +93,10 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
                    help="learning rate over the whole run: poly (nnU-Net's (1 - t/T)^0.9) or constant")
     p.add_argument("--no-intensity-augment", dest="intensity_augment", action="store_false", default=None,
                    help="no standard brightness/contrast/noise/gamma augmentation")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--steps-per-epoch", type=int, help="optimisation steps per epoch (default: preset)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--batch-size", type=POSITIVE_INT)
+    p.add_argument("--lr", type=POSITIVE_FLOAT)
+    p.add_argument("--steps-per-epoch", type=POSITIVE_INT, help="optimisation steps per epoch (default: preset)")
+    p.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads")
     p.add_argument("--split", help="split file (JSON) naming train/val/test cases per dataset")
     p.add_argument("--cache-dir", help="preprocessing cache (default $FEDGIN_CACHE_DIR or ~/.cache/fedgin)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -85,7 +115,7 @@ NO_POSTPROCESS_HELP = ("do not apply the model's post-processing plan (keep only
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedgin", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="fedgin", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     from . import __version__
 
@@ -95,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic CT + MRI sites -> FedGIN on Flower -> evaluation -> report")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int)
+    p.add_argument("--rounds", type=POSITIVE_INT)
 
     p = sub.add_parser("phantoms", help="write synthetic CT and MRI datasets (nnU-Net raw + manifest)")
     p.add_argument("--out", required=True)
@@ -120,16 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="non-federated baselines: local (one model per site) or centralized")
     _add_common_training(p)
     p.add_argument("--mode", required=True, choices=["local", "centralized"])
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=POSITIVE_INT)
 
     p = sub.add_parser("federate", help="federated training on Flower (simulation on one machine)")
     _add_common_training(p)
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--rounds", type=POSITIVE_INT)
+    p.add_argument("--local-epochs", type=POSITIVE_INT)
     p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedbn", "fedadam"])
     p.add_argument("--proximal-mu", type=float, help="FedProx proximal weight (default 0.01)")
-    p.add_argument("--min-sites", type=int, help="finish a round when at least this many sites replied")
-    p.add_argument("--round-timeout", type=float, help="seconds a round waits for replies (default 1800)")
+    p.add_argument("--min-sites", type=POSITIVE_INT, help="finish a round when at least this many sites replied")
+    p.add_argument("--round-timeout", type=POSITIVE_FLOAT, help="seconds a round waits for replies (default 1800)")
 
     p = sub.add_parser("experiment", help="the paper's comparison grid: scenarios x methods x seeds, and its report")
     p.add_argument("--site", action="append", type=_site, required=True, metavar="NAME=DATASET",
@@ -141,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "+gin (the preset's GIN recipe), +ipa (GIN with IPA), +gin1 (the paper's plain GIN), "
                         "+ouyang (3 GIN+IPA views, consistency term) or +clean (a GIN+IPA and a clean view), "
                         "and those with -pNN (NN%% of training slices through GIN), e.g. fedgin+ipa-p50")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="quick", choices=["quick", "paper"])
-    p.add_argument("--rounds", type=int, help="rounds (local/centralized: rounds x local epochs epochs)")
-    p.add_argument("--local-epochs", type=int)
-    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--rounds", type=POSITIVE_INT, help="rounds (local/centralized: rounds x local epochs epochs)")
+    p.add_argument("--local-epochs", type=POSITIVE_INT)
+    p.add_argument("--steps-per-epoch", type=POSITIVE_INT)
     p.add_argument("--split")
     p.add_argument("--cache-dir")
     p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP)
@@ -180,12 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=NO_POSTPROCESS_HELP)
     _add_label_map(p, " (default: the map the model was trained with; these entries go on top)")
 
-    p = sub.add_parser("predict", help="NIfTI in, NIfTI label map out (input geometry kept)")
+    p = sub.add_parser("predict", help="NIfTI in, NIfTI label map out (input geometry and header kept)")
     p.add_argument("-i", "--input", required=True, help="a NIfTI file or a folder of them")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--model", required=True, help="run dir or checkpoint file")
+    p.add_argument("--checkpoint", metavar="last|round_N|epoch_N",
+                   help="which checkpoint of the run dir --model: last (default), round_N (federated runs) "
+                        "or epoch_N (local, centralized)")
     p.add_argument("--modality", choices=["CT", "MRI", "MR"])
     p.add_argument("--masks", action="store_true", help="also one binary file per organ")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also {case}.npz: 'probabilities' (softmax, C x X x Y x Z float16 on the input's "
+                        "voxel grid, before post-processing) and 'labels' (the class names in order)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help=NO_POSTPROCESS_HELP)
@@ -308,7 +344,8 @@ def cmd_predict(args) -> int:
     from .evaluation.prediction import predict
 
     written = predict(args.input, args.output, args.model, modality=args.modality, masks=args.masks,
-                      device=args.device, postprocess=args.postprocess)
+                      device=args.device, postprocess=args.postprocess, checkpoint=args.checkpoint,
+                      save_probabilities=args.save_probabilities)
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
 
@@ -344,6 +381,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _check_output_folders(args) -> None:
+    """``--out`` and ``-o`` name folders: an existing file there is refused before any work."""
+    for option, value in (("--out", getattr(args, "out", None)), ("-o", getattr(args, "output", None))):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise DataError(value, f"exists and is not a folder ({option} takes an output folder)")
+
+
 COMMANDS = {
     "train": cmd_train,
     "federate": cmd_federate,
@@ -359,8 +403,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"fedgin: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        _check_output_folders(args)
         if args.command == "data":
             return cmd_data_check(args)
         return COMMANDS[args.command](args)

@@ -83,17 +83,57 @@ def read_header_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
 
 
-def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, dtype=None) -> Path:
+def read_header(path: str | Path) -> nib.Nifti1Header:
+    """A copy of a NIfTI file's header (a ``Nifti2Header`` for NIfTI-2), without reading its voxels."""
+    return _load(Path(path)).header.copy()
+
+
+def label_header(source: nib.Nifti1Header, description: str = "fedgin label map") -> nib.Nifti1Header:
+    """The header of a uint8 label map on ``source``'s voxel grid, for :func:`write_volume`.
+
+    Kept from ``source``: qform and sform (codes and matrices), pixdim (voxel size, qfac, TR),
+    xyzt_units, slice timing, aux_file, and its descrip after ``description`` (``"fedgin label map;
+    <input's descrip>"``, cut to NIfTI's 80 bytes). Reset: data type uint8 with no scaling
+    (scl_slope/inter NaN), no display range (cal_min/max 0: the input's intensity window means
+    nothing for label ids), no intent, no extensions (they describe the input's data).
+    """
+    hdr = source.copy()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_slope_inter(None, None)
+    hdr["cal_min"] = hdr["cal_max"] = 0
+    hdr.set_intent("none")
+    hdr.extensions.clear()
+    original = bytes(hdr["descrip"]).rstrip(b"\0").strip()
+    text = description.encode() + (b"; " + original if original else b"")
+    hdr["descrip"] = text[:80]
+    return hdr
+
+
+def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, dtype=None,
+                 header: nib.Nifti1Header | None = None) -> Path:
     """Write ``data`` with ``affine`` atomically: a temporary file in the target folder, then rename.
 
-    qform and sform both carry ``affine`` (code 1, scanner), as nnU-Net and most viewers expect.
+    Without ``header``, qform and sform both carry ``affine`` (code 1, scanner), as nnU-Net and
+    most viewers expect. With ``header`` (e.g. :func:`label_header` of the input's), the file takes
+    that header's qform and sform codes and matrices, pixdim, units and descrip as they are;
+    ``affine`` must then be the header's own (``header.get_best_affine()``), and a
+    ``Nifti2Header`` writes NIfTI-2.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(data if dtype is None else data.astype(dtype))
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    affine = np.asarray(affine, dtype=np.float64)
+    if header is None:
+        img = nib.Nifti1Image(arr, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    else:
+        if not np.allclose(affine, header.get_best_affine()):
+            raise ValueError("affine differs from the header's qform/sform")
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        # the affine equals the header's, so nibabel keeps the header's qform and sform untouched
+        img = image_class(arr, affine, header=header)
+        img.header.set_slope_inter(None, None)
     img.header.set_data_dtype(arr.dtype)
     tmp = temp_path(path, ".nii.gz")
     try:

@@ -221,22 +221,66 @@ def probabilities_to_original(probs: torch.Tensor, geometry: Geometry) -> torch.
     t = torch.from_numpy(planes).permute(1, 0, 2, 3)  # D x C x X x Y
     t = _resize_planes(t, (rx, ry), "bilinear")
     ras = t.permute(1, 2, 3, 0).numpy()  # C x X x Y x D (RAS)
-    inverse = nib.orientations.ornt_transform(
-        np.array([[i, 1] for i in range(3)], dtype=float), np.array(geometry.ornt)
-    )
-    back = np.stack([nib.orientations.apply_orientation(c, inverse) for c in ras])
+    back = np.stack([_to_input_axes(c, geometry) for c in ras])
     assert back.shape[1:] == tuple(geometry.original_shape), (back.shape, geometry.original_shape)
     return torch.from_numpy(np.ascontiguousarray(back))
 
 
-def _planes_to_ras_labels(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """``C x d x H x W`` probabilities of ``d`` slices -> their uint8 argmax ``X x Y x d`` on the RAS
-    grid, as :func:`probabilities_to_original` followed by an argmax computes it."""
+def _planes_to_ras(probs: np.ndarray, geometry: Geometry) -> torch.Tensor:
+    """``C x d x H x W`` probabilities of ``d`` slices -> ``d x C x X x Y`` float32 on the RAS grid,
+    as :func:`probabilities_to_original` computes them."""
     planes = _take(probs, geometry.resampled_shape, geometry.offsets, 0.0)
     planes[0][planes.sum(axis=0) == 0] = 1.0  # outside the canvas: background
     rx, ry, _ = geometry.ras_shape
-    t = _resize_planes(torch.from_numpy(planes).permute(1, 0, 2, 3), (rx, ry), "bilinear")  # d x C x X x Y
-    return t.argmax(1).to(torch.uint8).permute(1, 2, 0).numpy()
+    return _resize_planes(torch.from_numpy(planes).permute(1, 0, 2, 3), (rx, ry), "bilinear")
+
+
+def _to_input_axes(ras: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A view of an ``X x Y x Z[ x C]`` RAS array in the input's axis order (no copy)."""
+    inverse = nib.orientations.ornt_transform(
+        np.array([[i, 1] for i in range(3)], dtype=float), np.array(geometry.ornt)
+    )
+    return nib.orientations.apply_orientation(ras, inverse)
+
+
+def _float16_keeping_argmax(probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """``probs`` (``d x C x X x Y``) as float16 whose argmax is still ``labels``: rounding can tie
+    the winner with a lower class id (argmax takes the first), so the winner is lifted one float16
+    step there."""
+    out = probs.to(torch.float16).numpy()
+    tied = np.nonzero(out.argmax(1) != labels.numpy())
+    if tied[0].size:
+        index = (tied[0], labels.numpy()[tied], *tied[1:])
+        out[index] = np.nextafter(out[index], np.float16(np.inf))
+    return out
+
+
+def _invert_slices(chunks, geometry: Geometry, *, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 labels on the input grid from ``(first slice, C x d x H x W)`` chunks, and with
+    ``probabilities`` the float16 ``C x`` input-shape probabilities (allocated at the first chunk)."""
+    rx, ry, depth = geometry.ras_shape
+    ras = np.zeros((rx, ry, depth), dtype=np.uint8)
+    out = ras_out = None
+    covered = 0
+    for start, probs in chunks:
+        arr = probs.detach().cpu().float().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
+        t = _planes_to_ras(arr, geometry)  # d x C x X x Y
+        labels = t.argmax(1)
+        stop = start + arr.shape[1]
+        ras[:, :, start:stop] = labels.to(torch.uint8).permute(1, 2, 0).numpy()
+        if probabilities:
+            if out is None:
+                out = np.zeros((arr.shape[0], *geometry.original_shape), dtype=np.float16)
+                # the input-ordered array seen in RAS order: each chunk lands in place, no final copy
+                ras_out = np.moveaxis(nib.orientations.apply_orientation(np.moveaxis(out, 0, -1),
+                                                                         np.array(geometry.ornt)), -1, 0)
+            ras_out[:, :, :, start:stop] = _float16_keeping_argmax(t, labels).transpose(1, 2, 3, 0)
+        covered += arr.shape[1]
+    if covered != depth:
+        raise ValueError(f"chunks covered {covered} of {depth} slices")
+    back = np.ascontiguousarray(_to_input_axes(ras, geometry))
+    assert back.shape == tuple(geometry.original_shape), (back.shape, geometry.original_shape)
+    return back, out
 
 
 def labels_from_slices(chunks, geometry: Geometry) -> np.ndarray:
@@ -247,21 +291,17 @@ def labels_from_slices(chunks, geometry: Geometry) -> np.ndarray:
     own: memory is one uint8 volume plus one chunk, never ``C`` float volumes at the input's size
     (a 512 x 512 x 600 CT would need 3.8 GB per float copy of its 6 classes). The labels equal
     ``probabilities_to_original(probs, geometry).argmax(0)``."""
-    rx, ry, depth = geometry.ras_shape
-    ras = np.zeros((rx, ry, depth), dtype=np.uint8)
-    covered = 0
-    for start, probs in chunks:
-        arr = probs.detach().cpu().float().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
-        ras[:, :, start:start + arr.shape[1]] = _planes_to_ras_labels(arr, geometry)
-        covered += arr.shape[1]
-    if covered != depth:
-        raise ValueError(f"chunks covered {covered} of {depth} slices")
-    inverse = nib.orientations.ornt_transform(
-        np.array([[i, 1] for i in range(3)], dtype=float), np.array(geometry.ornt)
-    )
-    back = np.ascontiguousarray(nib.orientations.apply_orientation(ras, inverse))
-    assert back.shape == tuple(geometry.original_shape), (back.shape, geometry.original_shape)
-    return back
+    return _invert_slices(chunks, geometry, probabilities=False)[0]
+
+
+def labels_and_probabilities_from_slices(chunks, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`labels_from_slices` plus the probabilities on the input grid: ``C x X x Y x Z``
+    float16, the spatial axes in the input file's voxel order, filled chunk by chunk into one
+    preallocated array (2 bytes per class and voxel; no float32 volume).
+
+    They equal ``probabilities_to_original(probs, geometry)`` to float16 precision, and their
+    argmax is exactly the returned labels (a tie made by the rounding goes to the float32 winner)."""
+    return _invert_slices(chunks, geometry, probabilities=True)
 
 
 def labels_to_original(labels: np.ndarray, geometry: Geometry, num_classes: int) -> np.ndarray:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -71,18 +73,55 @@ def save_checkpoint(path: str | Path, state_dict: dict, *, model_config: ModelCo
         raise
 
 
-def resolve_checkpoint_path(model: str | Path) -> Path:
-    """A checkpoint file, or a run dir (its ``checkpoints/last.pt``)."""
+#: ``--checkpoint`` names: ``last``, ``round_N`` (federated runs), ``epoch_N`` (local, centralized)
+CHECKPOINT_NAME = re.compile(r"last|(round|epoch)_(\d+)")
+
+
+def parse_checkpoint_name(text: str) -> str:
+    """``last``, ``round_N`` or ``epoch_N`` in the run dir's spelling (``round_3`` -> ``round_003``)."""
+    match = CHECKPOINT_NAME.fullmatch(text)
+    if match is None:
+        raise FedginError(f"--checkpoint takes last, round_N or epoch_N, got {text!r}")
+    return text if text == "last" else f"{match[1]}_{int(match[2]):03d}"
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    """The checkpoints a run dir holds: ``last`` first, then rounds or epochs in order."""
+    names = {p.stem for p in (Path(run) / "checkpoints").glob("*.pt") if CHECKPOINT_NAME.fullmatch(p.stem)}
+    return sorted(names, key=lambda n: ("_" in n, n.partition("_")[0], int(n.partition("_")[2] or 0)))
+
+
+def _describe(names: list[str]) -> str:
+    """``last, round_001..round_020``: consecutive numbers collapse into a range."""
+    numbered = [(n.partition("_")[0], int(n.partition("_")[2]), n) for n in names if n != "last"]
+    parts = ["last"] if "last" in names else []
+    for _, run in groupby(enumerate(numbered), key=lambda item: (item[1][0], item[1][1] - item[0])):
+        run = [name for _, (_, _, name) in run]
+        parts.append(run[0] if len(run) == 1 else f"{run[0]}..{run[-1]}")
+    return ", ".join(parts) or "none"
+
+
+def resolve_checkpoint_path(model: str | Path, checkpoint: str | None = None) -> Path:
+    """A checkpoint file, or a run dir's ``checkpoints/<checkpoint>.pt`` (default ``last``).
+
+    ``checkpoint`` is ``last``, ``round_N`` or ``epoch_N`` and needs a run dir; a name the run does
+    not hold is refused naming the ones it does."""
     path = Path(model)
     if path.is_dir():
-        candidate = path / "checkpoints" / "last.pt"
-        if not candidate.exists():
+        name = "last" if checkpoint is None else parse_checkpoint_name(checkpoint)
+        candidate = path / "checkpoints" / f"{name}.pt"
+        if not (path / "checkpoints" / "last.pt").exists():
             subruns = sorted(p.parent.parent.name for p in path.glob("*/checkpoints/last.pt"))
             hint = f" (a local run: pick one of {', '.join(str(path / s) for s in subruns)})" if subruns else ""
             raise ModelError(f"{path}: not a run dir with checkpoints/last.pt{hint}")
+        if not candidate.exists():
+            raise ModelError(f"{path}: no checkpoint {name} in this run dir (it has: "
+                             f"{_describe(checkpoint_names(path))})")
         return candidate
     if not path.exists():
         raise ModelError(f"{path}: model not found")
+    if checkpoint is not None:
+        raise FedginError(f"--checkpoint picks a checkpoint of a run dir, but --model {path} is a checkpoint file")
     return path
 
 
@@ -99,9 +138,11 @@ def load_raw(path: Path) -> dict:
     return payload
 
 
-def load_checkpoint(model: str | Path, *, expect_scheme: str | None = None) -> Checkpoint:
-    """Load a checkpoint file or a run dir's last checkpoint."""
-    path = resolve_checkpoint_path(model)
+def load_checkpoint(model: str | Path, *, checkpoint: str | None = None,
+                    expect_scheme: str | None = None) -> Checkpoint:
+    """Load a checkpoint file, or a run dir's ``checkpoint`` (default its last one, see
+    :func:`resolve_checkpoint_path`)."""
+    path = resolve_checkpoint_path(model, checkpoint)
     payload = load_raw(path)
     try:
         try:

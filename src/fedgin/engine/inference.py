@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.preprocess import Preprocessed, labels_from_slices
+from ..data.preprocess import Preprocessed, labels_and_probabilities_from_slices, labels_from_slices
 
 
 def iter_probs(model: torch.nn.Module, image: np.ndarray, device: torch.device, batch_size: int = 32):
@@ -34,6 +34,14 @@ def predict_labels(model: torch.nn.Module, pre: Preprocessed, device: torch.devi
     """uint8 label map on the case's own input grid (same shape as the input file), computed batch
     of slices by batch (memory does not grow with the class count times the input's size)."""
     return labels_from_slices(iter_probs(model, pre.image, device), pre.geometry)
+
+
+def predict_labels_and_probabilities(model: torch.nn.Module, pre: Preprocessed,
+                                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_labels` plus the softmax probabilities on the input grid, ``C x X x Y x Z``
+    float16 in the input file's voxel order (argmax = the labels), also batch by batch: memory
+    grows by the float16 array only."""
+    return labels_and_probabilities_from_slices(iter_probs(model, pre.image, device), pre.geometry)
 
 
 def predict_preprocessed_labels(model: torch.nn.Module, image: np.ndarray,
