@@ -22,10 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/fedgin demo --out demo-out
 
 # two workers, one test file each at a time (module fixtures are built once): the deployment and
-# fault tests spend most of their time waiting on Flower's processes, while the other worker trains
-# with every core; idle OpenMP threads sleep rather than spin when both train at once
+# fault tests spend most of their time waiting on Flower's processes, the other worker trains;
+# each worker gets half of the cores as torch threads (tests/conftest.py)
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadfile
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -21,6 +21,7 @@ Fixtures (all function-scoped):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -187,6 +188,14 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     cache = tmp_path_factory.mktemp("fedgin-cache")
     monkeypatch.setenv("FEDGIN_CACHE_DIR", str(cache))
     return cache
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs 2 workers) each worker gets its share of the cores
+    as torch threads, so two workers training at once do not oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def _torch_state() -> tuple[int, bool, bool]:
