@@ -25,7 +25,7 @@ from .labels import (
     fines_of_label,
     normalise_label_map,
 )
-from .nifti import read_volume
+from .nifti import read_header_info, read_volume, spatial_shape
 
 MODALITY_NAMES: dict[str, str] = {
     "ct": "CT",
@@ -71,20 +71,29 @@ class CaseRef:
     def read(self, scheme: LabelScheme) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Image (float32), label in scheme ids (uint8, or None) and the image affine."""
         image, affine = read_volume(self.image, kind="image")
-        label = None
+        return image, self._read_label(image.shape, affine), affine
+
+    def read_label(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """The label in scheme ids (uint8, or None) and the image affine, without reading the image's
+        voxels (its header gives the grid the label must share)."""
+        shape, affine = read_header_info(self.image)
+        return self._read_label(spatial_shape(shape), affine), affine
+
+    def _read_label(self, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray | None:
         if self.label is not None:
             raw, label_affine = read_volume(self.label, kind="label")
-            check_same_grid(self.label, image.shape, affine, raw.shape, label_affine)
-            label = map_label_ids(raw, self.lut, self.label)
-        elif self.masks:
-            label = np.zeros(image.shape, dtype=np.uint8)
-            for mask_path, class_id in self.masks:
-                mask, mask_affine = read_volume(mask_path, kind="label")
-                check_same_grid(mask_path, image.shape, affine, mask.shape, mask_affine)
-                if mask.max() > 1:
-                    raise DataError(mask_path, f"binary mask expected, found value {int(mask.max())}")
-                label[mask > 0] = class_id
-        return image, label, affine
+            check_same_grid(self.label, shape, affine, raw.shape, label_affine)
+            return map_label_ids(raw, self.lut, self.label)
+        if not self.masks:
+            return None
+        label = np.zeros(shape, dtype=np.uint8)
+        for mask_path, class_id in self.masks:
+            mask, mask_affine = read_volume(mask_path, kind="label")
+            check_same_grid(mask_path, shape, affine, mask.shape, mask_affine)
+            if mask.max() > 1:
+                raise DataError(mask_path, f"binary mask expected, found value {int(mask.max())}")
+            label[mask > 0] = class_id
+        return label
 
 
 def map_label_ids(raw: np.ndarray, lut: tuple[int, ...], where: Path | None,

@@ -44,9 +44,7 @@ def read_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, n
     """
     path = Path(path)
     img = _load(path)
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+    shape = spatial_shape(tuple(int(s) for s in img.shape))
     if len(shape) != 3:
         raise DataError(path, f"expected a 3D volume, got {len(img.shape)}D shape {tuple(img.shape)}")
     if min(shape) == 0:
@@ -75,6 +73,11 @@ def read_volume(path: str | Path, *, kind: str = "image") -> tuple[np.ndarray, n
             raise DataError(path, f"label id {int(data.max())} is out of range (max 255)")
         return data.astype(np.uint8), affine
     raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+
+
+def spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A volume's shape without a trailing singleton 4th axis (as :func:`read_volume` drops it)."""
+    return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
 
 
 def read_header_info(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:

@@ -210,27 +210,22 @@ def probabilities_to_original(probs: torch.Tensor, geometry: Geometry) -> torch.
     """Class probabilities ``C x D x H x W`` (preprocessed space) -> ``C x X x Y x Z`` on the input
     grid. Cropped-away regions become background; in-plane resampling is bilinear on
     probabilities (smoother borders than resampling labels)."""
-    arr = probs.detach().cpu().float().numpy()
-    background = np.zeros((arr.shape[0], 1, 1), dtype=np.float32)
-    background[0] = 1.0
-    planes = _take(arr, geometry.resampled_shape, geometry.offsets, 0.0)
-    # cells outside the canvas were filled with 0 for every class: make them background
-    outside = planes.sum(axis=0) == 0
-    planes[0][outside] = 1.0
-    rx, ry, _ = geometry.ras_shape
-    t = torch.from_numpy(planes).permute(1, 0, 2, 3)  # D x C x X x Y
-    t = _resize_planes(t, (rx, ry), "bilinear")
-    ras = t.permute(1, 2, 3, 0).numpy()  # C x X x Y x D (RAS)
+    ras = _planes_to_ras(_as_float32(probs), geometry).permute(1, 2, 3, 0).numpy()  # C x X x Y x D (RAS)
     back = np.stack([_to_input_axes(c, geometry) for c in ras])
     assert back.shape[1:] == tuple(geometry.original_shape), (back.shape, geometry.original_shape)
     return torch.from_numpy(np.ascontiguousarray(back))
 
 
+def _as_float32(probs) -> np.ndarray:
+    return probs.detach().cpu().float().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
+
+
 def _planes_to_ras(probs: np.ndarray, geometry: Geometry) -> torch.Tensor:
-    """``C x d x H x W`` probabilities of ``d`` slices -> ``d x C x X x Y`` float32 on the RAS grid,
-    as :func:`probabilities_to_original` computes them."""
+    """``C x d x H x W`` probabilities of ``d`` slices -> ``d x C x X x Y`` float32 on the RAS grid:
+    the canvas crop undone (background outside it) and the in-plane resampling inverted."""
     planes = _take(probs, geometry.resampled_shape, geometry.offsets, 0.0)
-    planes[0][planes.sum(axis=0) == 0] = 1.0  # outside the canvas: background
+    # cells outside the canvas were filled with 0 for every class: make them background
+    planes[0][planes.sum(axis=0) == 0] = 1.0
     rx, ry, _ = geometry.ras_shape
     return _resize_planes(torch.from_numpy(planes).permute(1, 0, 2, 3), (rx, ry), "bilinear")
 
@@ -263,7 +258,7 @@ def _invert_slices(chunks, geometry: Geometry, *, probabilities: bool) -> tuple[
     out = ras_out = None
     covered = 0
     for start, probs in chunks:
-        arr = probs.detach().cpu().float().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
+        arr = _as_float32(probs)
         t = _planes_to_ras(arr, geometry)  # d x C x X x Y
         labels = t.argmax(1)
         stop = start + arr.shape[1]

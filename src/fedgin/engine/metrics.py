@@ -52,7 +52,7 @@ def case_metrics(
         predicted, present = bool(p.any()), bool(r.any())
         out[organ] = {
             "dice": dice_score(p, r),
-            "hd95": hd95_mm(p, r, spacing) if with_hd95 and predicted and present else None,
+            "hd95": hd95_mm(p, r, spacing) if with_hd95 else None,
             "missed": present and not predicted,
             "false_positive": predicted and not present,
         }

@@ -31,7 +31,7 @@ from ..data.datasets import (
     scheme_lut,
 )
 from ..data.labels import DEFAULT_SCHEME, LabelScheme, get_scheme
-from ..data.nifti import read_header_info, read_volume, spacing_of
+from ..data.nifti import read_header_info, read_volume, spacing_of, spatial_shape
 from ..engine.metrics import case_metrics
 from ..errors import DataError, FedginError
 from .prediction import NIFTI_ENDINGS
@@ -113,12 +113,8 @@ def _check_grids(refs: list[CaseRef], files: dict[str, Path]) -> None:
         path = files[ref.case_id]
         shape, affine = read_header_info(path)
         ref_shape, ref_affine = read_header_info(ref.image)
-        check_same_grid(path, _spatial(ref_shape), ref_affine, _spatial(shape), affine,
+        check_same_grid(path, spatial_shape(ref_shape), ref_affine, spatial_shape(shape), affine,
                         what="prediction", against="reference")
-
-
-def _spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
 
 
 def _luts(refs: list[CaseRef], folder: Path, scheme: LabelScheme, label_map: Mapping[str, str] | None,
@@ -144,10 +140,9 @@ def score_predictions(refs: list[CaseRef], files: dict[str, Path], luts: dict, s
     records = []
     for ref in tqdm(refs, desc="evaluate", unit="case", leave=False, disable=None):
         start = time.perf_counter()
-        _, reference, affine = ref.read(scheme)
+        reference, affine = ref.read_label()  # the grids were checked from the headers up front
         path = files[ref.case_id]
-        raw, pred_affine = read_volume(path, kind="label")
-        check_same_grid(path, reference.shape, affine, raw.shape, pred_affine, what="prediction", against="reference")
+        raw, _ = read_volume(path, kind="label")
         lut, source = luts[ref.case_id]
         pred = map_label_ids(raw, lut, path, source)
         scores = case_metrics(pred, reference, organs, ref.annotated, spacing_of(affine), with_hd95=with_hd95)

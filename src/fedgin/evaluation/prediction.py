@@ -17,7 +17,6 @@ first output is written, so a failure leaves nothing half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import numpy as np
 
 from ..atomic import publish, temp_path, write_text
 from ..config import package_versions
+from ..data.cache import file_digest
 from ..data.datasets import _read_json, normalise_modality
 from ..data.nifti import label_header, read_header, read_header_info, read_volume, write_volume
 from ..data.preprocess import preprocess
@@ -189,18 +189,10 @@ def write_probabilities(path: Path, probabilities: np.ndarray, classes: list[str
         raise
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _provenance(ckpt, files, arguments: dict) -> dict:
     return {
         "model": str(ckpt.path),
-        "checkpoint": {"file": str(ckpt.path), "sha256": _sha256(ckpt.path),
+        "checkpoint": {"file": str(ckpt.path), "sha256": file_digest(Path(ckpt.path)),
                        **{k: ckpt.meta[k] for k in ("round", "epoch") if k in ckpt.meta}},
         "model_meta": ckpt.meta,
         "scheme": ckpt.scheme.to_dict(),
