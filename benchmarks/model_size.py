@@ -22,7 +22,7 @@ import torch
 
 from fedgin.config import SiteSpec, resolve
 from fedgin.data.labels import get_scheme
-from fedgin.engine.inference import predict_preprocessed_labels
+from fedgin.engine.inference import predict_preprocessed_labels, tile_of
 from fedgin.engine.metrics import dice_score
 from fedgin.engine.model import build_model
 from fedgin.engine.runs import load_sites
@@ -46,7 +46,8 @@ def score(model, cases, scheme) -> dict[str, float]:
     for organ, idx in scheme.label_ids.items():
         if idx == 0:
             continue
-        vals = [dice_score(predict_preprocessed_labels(model, c.image, torch.device("cpu")) == idx, c.label == idx)
+        vals = [dice_score(predict_preprocessed_labels(model, c.image, torch.device("cpu"), tile=tile_of(c)) == idx,
+                           np.asarray(c.label) == idx)
                 for c in cases]
         vals = [v for v in vals if v is not None]
         out[organ] = round(float(np.mean(vals)), 3) if vals else None

@@ -1,5 +1,6 @@
 """The preprocessing cache: a hit skips reading and preprocessing and returns the same arrays; a
-changed file, setting or scheme misses; a damaged entry is recomputed; the data is never written."""
+changed file, setting or scheme misses; a damaged entry is recomputed; the data is never written.
+An entry is a folder of ``.npy`` arrays and ``meta.json``."""
 
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ def preprocess_calls(monkeypatch) -> list:
 
 
 def _entries(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / "preprocessed").glob("*.npz"))
+    return sorted(p for p in (cache_dir / "preprocessed").glob("*") if p.is_dir() and not p.name.startswith(".tmp-"))
+
+
+def _files(entry: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(entry.iterdir())}
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -60,15 +65,16 @@ def test_second_load_is_served_from_the_cache(make_nnunet, tmp_path, preprocess_
     first = load_case(case, ABDOMEN5, CFG, cache_dir)
     assert len(preprocess_calls) == 1
     entries = _entries(cache_dir)
-    assert [p.name for p in entries] == [f"case_000-{cache_key(case, ABDOMEN5, CFG)}.npz"]
-    stamp = entries[0].stat().st_mtime_ns
+    assert [p.name for p in entries] == [f"case_000-{cache_key(case, ABDOMEN5, CFG)}"]
+    assert sorted(_files(entries[0])) == ["image.npy", "label.npy", "meta.json"]
+    stamp = (entries[0] / "image.npy").stat().st_mtime_ns
 
     second = load_case(case, ABDOMEN5, CFG, cache_dir)
 
     assert len(preprocess_calls) == 1  # not preprocessed again
     assert _same(first, second)
     assert _same(second, load_case(case, ABDOMEN5, CFG, use_cache=False))
-    assert _entries(cache_dir) == entries and entries[0].stat().st_mtime_ns == stamp
+    assert _entries(cache_dir) == entries and (entries[0] / "image.npy").stat().st_mtime_ns == stamp
     assert not list((cache_dir / "preprocessed").glob(".tmp-*"))
     assert _digest(root) == data_before  # the dataset is only read
 
@@ -162,12 +168,18 @@ def test_the_scheme_is_part_of_the_key(make_nnunet, tmp_path, preprocess_calls):
     assert five.label.max() == 5 and six.label.max() == 6
 
 
+#: (file of the entry, damage): what a crash, a full disk or a stray write leaves. A flipped byte
+#: inside an array's data is not detected (the arrays carry no checksum: training reads them a slice
+#: at a time); one in a header or in meta.json is.
 DAMAGE = {
-    "empty": lambda data: b"",
-    "garbage": lambda data: b"not a zip archive\n" * 50,
-    "truncated": lambda data: data[: len(data) // 2],
-    "tail-cut": lambda data: data[:-20],
-    "bytes-flipped": lambda data: data[:2000] + bytes(b ^ 0xA5 for b in data[2000:2100]) + data[2100:],
+    "empty": ("image.npy", lambda data: b""),
+    "garbage": ("image.npy", lambda data: b"not an npy file\n" * 50),
+    "truncated": ("image.npy", lambda data: data[: len(data) // 2]),
+    "tail-cut": ("label.npy", lambda data: data[:-20]),
+    "header-flipped": ("image.npy", lambda data: data[:8] + bytes(b ^ 0xA5 for b in data[8:40]) + data[40:]),
+    "meta-garbage": ("meta.json", lambda data: b"{not json"),
+    "meta-missing": ("meta.json", None),
+    "label-missing": ("label.npy", None),
 }
 
 
@@ -177,14 +189,18 @@ def test_a_damaged_entry_is_recomputed(make_nnunet, tmp_path, preprocess_calls, 
     cache_dir = tmp_path / "cache"
     first = load_case(case, ABDOMEN5, CFG, cache_dir)
     (entry,) = _entries(cache_dir)
-    good = entry.read_bytes()
-    entry.write_bytes(DAMAGE[damage](good))
+    good = _files(entry)
+    name, harm = DAMAGE[damage]
+    if harm is None:
+        (entry / name).unlink()
+    else:
+        (entry / name).write_bytes(harm(good[name]))
 
     again = load_case(case, ABDOMEN5, CFG, cache_dir)
 
     assert len(preprocess_calls) == 2
     assert _same(again, first)
-    assert _entries(cache_dir) == [entry] and entry.read_bytes() == good  # rewritten whole
+    assert _entries(cache_dir) == [entry] and _files(entry) == good  # rewritten whole
 
 
 def test_no_cache_writes_nothing(make_nnunet, tmp_path, preprocess_calls):
@@ -225,14 +241,16 @@ def test_cache_info_and_clear_count_and_remove_only_the_entries(make_nnunet, tmp
     cache_dir = tmp_path / "cache"
     for case in open_dataset(root, ABDOMEN5).cases[:2]:
         load_case(case, ABDOMEN5, CFG, cache_dir)
-    (cache_dir / "preprocessed" / ".tmp-left-behind.npz").write_bytes(b"x" * 10)
+    (cache_dir / "preprocessed" / ".tmp-left-behind").mkdir()
+    (cache_dir / "preprocessed" / ".tmp-left-behind" / "image.npy").write_bytes(b"x" * 10)
+    (cache_dir / "preprocessed" / "old-format-1-entry.npz").write_bytes(b"y" * 10)
     (cache_dir / "notes.txt").write_text("not the cache's")
-    size = sum(p.stat().st_size for p in (cache_dir / "preprocessed").iterdir())
+    size = sum(p.stat().st_size for p in (cache_dir / "preprocessed").rglob("*") if p.is_file())
 
     assert main(["cache", "info", "--cache-dir", str(cache_dir)]) == 0
-    assert capsys.readouterr().out == f"{cache_dir}: 2 entries, {size / 2**20:.1f} MiB\n"
+    assert capsys.readouterr().out == f"{cache_dir}: 3 entries, {size / 2**20:.1f} MiB\n"
     assert main(["cache", "clear", "--cache-dir", str(cache_dir)]) == 0
-    assert capsys.readouterr().out.startswith(f"removed 2 entries ({size / 2**20:.1f} MiB) from {cache_dir}")
+    assert capsys.readouterr().out.startswith(f"removed 3 entries ({size / 2**20:.1f} MiB) from {cache_dir}")
     assert not list((cache_dir / "preprocessed").iterdir()) and (cache_dir / "notes.txt").exists()
     assert main(["cache", "info", "--cache-dir", str(cache_dir)]) == 0
     assert capsys.readouterr().out == f"{cache_dir}: 0 entries, 0.0 MiB\n"

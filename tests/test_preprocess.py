@@ -1,5 +1,6 @@
-"""Preprocessing and its inverse: RAS reorientation, intensity normalisation, pad/crop, and a
-prediction that lands exactly on the input's voxel grid (shape and affine)."""
+"""Preprocessing and its inverse: RAS reorientation, intensity normalisation, the body's plane
+(padded to the crop size), and a prediction that lands exactly on the input's voxel grid (shape
+and affine)."""
 
 from __future__ import annotations
 
@@ -63,16 +64,6 @@ class Grid:
         idx = np.indices(self.shape)[a]
         return idx if self.sign[a] > 0 else self.shape[a] - 1 - idx
 
-    def kept(self, slice_size: tuple[int, int]) -> np.ndarray:
-        """Voxels that survive a centre crop of each RAS axial plane to ``slice_size``."""
-        keep = np.ones(self.shape, dtype=bool)
-        for r, target in enumerate(slice_size):
-            n = self.shape[self.axis_for(r)]
-            start = max(0, (n - target + 1) // 2)  # centre crop, the odd voxel cut at the far end
-            idx = self.ras_index(r)
-            keep &= (idx >= start) & (idx < start + target)
-        return keep
-
 
 GRIDS = {
     "LPS": Grid("LPS", world=(0, 1, 2), sign=(-1, -1, 1), spacing=(1.5, 1.5, 3.0)),
@@ -102,28 +93,27 @@ def test_grids_have_the_intended_orientation():
     assert off_axis.all()  # truly oblique: every column has components on all three world axes
 
 
-@pytest.mark.parametrize("slice_size", [(32, 32), (48, 40), (16, 16), (32, 16)], ids=["pad", "pad-more", "crop",
-                                                                                     "pad-and-crop"])
+@pytest.mark.parametrize("slice_size", [(32, 32), (48, 40), (16, 16), (32, 16)], ids=["pad", "pad-more", "smaller",
+                                                                                     "pad-and-smaller"])
 @pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))
 def test_label_round_trip_is_exact(tmp_path, grid, slice_size):
+    """The plane keeps the whole body (here: the whole volume, tissue everywhere), padded to at
+    least ``slice_size``: the inverse gives back every label exactly, whatever the crop size."""
     image, label, affine = _written_case(tmp_path, grid)
     cfg = PreprocessConfig(spacing_mm=grid.in_plane_spacing, slice_size=slice_size)
 
     pre = preprocess(image, affine, "CT", cfg, label)
     n_ras = [grid.shape[grid.axis_for(r)] for r in range(3)]
-    assert pre.image.shape == pre.label.shape == (n_ras[2], *slice_size)
-    assert pre.geometry.original_shape == grid.shape
+    assert pre.image.shape == pre.label.shape
+    assert pre.image.shape == (n_ras[2], max(n_ras[0], slice_size[0]), max(n_ras[1], slice_size[1]))
+    assert pre.geometry.original_shape == grid.shape and pre.geometry.tile == slice_size
     assert np.array_equal(np.array(pre.geometry.original_affine), affine)
+    assert pre.labels_outside_body == 0
 
     back = labels_to_original(pre.label, pre.geometry, NUM_CLASSES)
 
     assert back.shape == grid.shape and back.dtype == np.uint8
-    kept = grid.kept(slice_size)
-    assert np.array_equal(back, np.where(kept, label, 0))
-    if slice_size == (32, 32) or slice_size == (48, 40):
-        assert kept.all()
-    else:
-        assert kept.sum() < label.size
+    assert np.array_equal(back, label)
 
     # a prediction written with the geometry's affine re-reads onto the input grid exactly
     out = write_volume(tmp_path / "pred" / "case.nii.gz", back, np.array(pre.geometry.original_affine),
@@ -134,19 +124,45 @@ def test_label_round_trip_is_exact(tmp_path, grid, slice_size):
     assert np.array_equal(pred, back)
 
 
-def test_cropped_away_region_is_background_in_probabilities(tmp_path):
-    grid = GRIDS["LPS"]
-    image, label, affine = _written_case(tmp_path, grid)
-    pre = preprocess(image, affine, "CT", PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(16, 16)), label)
+def _in_air(image: np.ndarray, label: np.ndarray, size: tuple[int, int]):
+    """The phantom at the corner of a wider canvas of air (-1000 HU)."""
+    wide = np.full((*size, image.shape[2]), -1000, np.int16)
+    wide_label = np.zeros(wide.shape, np.uint8)
+    wide[:image.shape[0], :image.shape[1]] = image
+    wide_label[:image.shape[0], :image.shape[1]] = label
+    return wide, wide_label
+
+
+def test_the_plane_is_the_body_box_and_air_beyond_it_becomes_background():
+    image, label = phantom_case(SHAPE)
+    wide, wide_label = _in_air(image, label, (60, 56))
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    pre = preprocess(wide, affine, "CT", PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(16, 16)), wide_label)
+    # the body (24 x 20 voxels) and a 10 mm margin (7 voxels at 1.5 mm), not the 60 x 56 canvas
+    assert pre.image.shape[1:] == (24 + 7, 20 + 7)
     probs = torch.rand(NUM_CLASSES, *pre.label.shape, generator=torch.Generator().manual_seed(0)).softmax(0)
 
     back = probabilities_to_original(probs, pre.geometry)
 
-    assert back.shape == (NUM_CLASSES, *grid.shape)
-    outside = ~grid.kept((16, 16))
+    assert back.shape == (NUM_CLASSES, *wide.shape)
+    outside = np.zeros(wide.shape, bool)
+    outside[31:] = True
+    outside[:, 27:] = True
     assert torch.equal(back[0][torch.from_numpy(outside)], torch.ones(int(outside.sum())))
     assert torch.equal(back[1:, torch.from_numpy(outside)], torch.zeros(NUM_CLASSES - 1, int(outside.sum())))
-    assert torch.allclose(back.sum(0), torch.ones(grid.shape))
+    assert torch.allclose(back.sum(0), torch.ones(wide.shape))
+    assert np.array_equal(labels_to_original(pre.label, pre.geometry, NUM_CLASSES), wide_label)
+
+
+def test_a_label_on_air_widens_the_plane_and_is_counted():
+    image, label = phantom_case(SHAPE)
+    wide, wide_label = _in_air(image, label, (60, 56))
+    wide_label[50:54, 50:54, :] = 1
+    pre = preprocess(wide, np.diag([1.5, 1.5, 3.0, 1.0]), "CT",
+                     PreprocessConfig(spacing_mm=(1.5, 1.5), slice_size=(16, 16)), wide_label)
+    assert pre.labels_outside_body == 4 * 4 * SHAPE[2]
+    assert pre.image.shape[1:] == (54, 54)  # from the body's first voxel to the label's last
+    assert np.array_equal(labels_to_original(pre.label, pre.geometry, NUM_CLASSES), wide_label)
 
 
 @pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))

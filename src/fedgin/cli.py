@@ -281,13 +281,15 @@ def cmd_federate(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from .data.check import check_datasets, format_table, summary_line
+    from .data.check import check_datasets, format_table, summary_line, warning_lines
     from .data.labels import get_scheme
 
     scheme = get_scheme(args.scheme)
     rows, errors = check_datasets(args.datasets, scheme, parse_label_map(args.label_map))
     if rows:
         print(format_table(rows, scheme), end="")
+    for line in warning_lines(rows):
+        print(f"fedgin: warning: {line}", file=sys.stderr)
     for line in errors:
         print(f"fedgin: error: {line}", file=sys.stderr)
     print(summary_line(rows, errors, len(args.datasets)))

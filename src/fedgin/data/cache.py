@@ -2,8 +2,13 @@
 
 The key hashes the bytes of every input file of a case, the label mapping, the label scheme, the
 :class:`PreprocessConfig` and the source of the code that reads and preprocesses a case, so a
-changed file, setting or preprocessing code never serves a stale entry. Entries are
-written atomically (temporary name, then rename); a damaged entry is recomputed.
+changed file, setting or preprocessing code never serves a stale entry.
+
+An entry is a folder ``preprocessed/{case}-{key}/`` holding ``image.npy`` (``D x H x W`` float32),
+``label.npy`` (uint8, when the case has a label) and ``meta.json`` (the geometry, which slices
+show an organ, the labelled voxels outside the body box). Plain ``.npy`` files, so training reads
+them a slice at a time (:class:`fedgin.data.npy.NpyVolume`) instead of holding a site in memory.
+An entry is written in a temporary folder and renamed into place; a damaged entry is recomputed.
 """
 
 from __future__ import annotations
@@ -11,18 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import publish, temp_path
 from .datasets import CaseRef
 from .labels import LabelScheme
+from .npy import DamagedArray, NpyVolume
 from .preprocess import Geometry, PreprocessConfig, Preprocessed, preprocess
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +81,11 @@ def cache_key(case: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def organ_slices(label: np.ndarray) -> np.ndarray:
+    """Per slice of a ``D x H x W`` label map: does it show an organ."""
+    return (label.reshape(len(label), -1) > 0).any(axis=1)
+
+
 def load_case(
     case: CaseRef,
     scheme: LabelScheme,
@@ -82,52 +93,98 @@ def load_case(
     cache_dir: Path | None = None,
     *,
     use_cache: bool = True,
+    in_memory: bool = True,
 ) -> Preprocessed:
-    """Read and preprocess ``case``, through the cache unless ``use_cache`` is False."""
+    """Read and preprocess ``case``, through the cache unless ``use_cache`` is False.
+
+    From the cache, ``in_memory=False`` gives ``image`` and ``label`` as :class:`NpyVolume` (read
+    slice by slice from the entry) instead of arrays."""
     if not use_cache:
         image, label, affine = case.read(scheme)
         return preprocess(image, affine, case.modality, cfg, label)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = root / "preprocessed" / f"{case.case_id}-{cache_key(case, scheme, cfg)}.npz"
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                geometry = Geometry.from_dict(json.loads(str(data["geometry"])))
-                label = data["label"] if data["has_label"] else None
-                return Preprocessed(image=data["image"], label=label, geometry=geometry)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):  # EOFError: empty file
-            path.unlink(missing_ok=True)  # damaged entry: recompute below
-    image, label, affine = case.read(scheme)
-    result = preprocess(image, affine, case.modality, cfg, label)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path, ".npz")
+    folder = root / "preprocessed" / f"{case.case_id}-{cache_key(case, scheme, cfg)}"
+    entry = _open_entry(folder)
+    if entry is None:
+        image, label, affine = case.read(scheme)
+        _write_entry(folder, preprocess(image, affine, case.modality, cfg, label))
+        entry = _open_entry(folder)
+        if entry is None:
+            raise OSError(f"{folder}: the cache entry just written cannot be read back")
+    if in_memory:
+        entry.image = np.asarray(entry.image)
+        entry.label = np.asarray(entry.label) if entry.label is not None else None
+    return entry
+
+
+def _open_entry(folder: Path) -> Preprocessed | None:
+    """The entry in ``folder`` with its arrays on disk, or None (missing, or damaged: removed)."""
+    if not folder.is_dir():
+        return None
     try:
-        np.savez(
-            tmp,
-            image=result.image,
-            label=result.label if result.label is not None else np.zeros(0, np.uint8),
-            has_label=np.array(result.label is not None),
-            geometry=np.array(json.dumps(result.geometry.to_dict())),
-        )
-        publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return result
+        meta = json.loads((folder / "meta.json").read_text())
+        image = NpyVolume.open(folder / "image.npy")
+        label = NpyVolume.open(folder / "label.npy") if meta["has_label"] else None
+        if label is not None and label.shape != image.shape:
+            raise DamagedArray("image and label shapes differ")
+        organs = np.array(meta["organ_slices"], dtype=bool) if label is not None else None
+        if organs is not None and organs.shape != (len(image),):
+            raise DamagedArray("organ_slices does not cover the slices")
+        return Preprocessed(image=image, label=label, geometry=Geometry.from_dict(meta["geometry"]),
+                            labels_outside_body=int(meta["labels_outside_body"]), organ_slices=organs)
+    except (OSError, ValueError, KeyError, TypeError, DamagedArray):
+        shutil.rmtree(folder, ignore_errors=True)  # recomputed by the caller
+        return None
+
+
+def _write_entry(folder: Path, pre: Preprocessed) -> None:
+    """Write ``pre`` as the entry ``folder``: in a temporary folder beside it, then one rename (a
+    reader never sees a half-written entry; of two writers of one entry, the first rename wins)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        np.save(tmp / "image.npy", np.ascontiguousarray(pre.image, dtype=np.float32))
+        meta = {"format": CACHE_FORMAT, "geometry": pre.geometry.to_dict(), "has_label": pre.label is not None,
+                "labels_outside_body": pre.labels_outside_body,
+                "organ_slices": organ_slices(pre.label).tolist() if pre.label is not None else None}
+        if pre.label is not None:
+            np.save(tmp / "label.npy", np.ascontiguousarray(pre.label, dtype=np.uint8))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # not another writer's entry: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _entries(root: Path) -> list[Path]:
-    """The cache's files: entries and temporaries an interrupted write left behind."""
+    """The cache's entries and the temporaries an interrupted write left behind (folders, and the
+    files of format 1)."""
     folder = root / "preprocessed"
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def cache_info(cache_dir: Path | None = None) -> dict:
     """Where the cache is, how many entries it holds and how many bytes they take."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    files = _entries(root)
-    return {"path": str(root), "entries": sum(1 for p in files if not p.name.startswith(".tmp-")),
-            "bytes": sum(p.stat().st_size for p in files)}
+    found = _entries(root)
+    return {"path": str(root), "entries": sum(1 for p in found if not p.name.startswith(".tmp-")),
+            "bytes": sum(_size(p) for p in found)}
 
 
 def clear_cache(cache_dir: Path | None = None) -> dict:
@@ -136,7 +193,10 @@ def clear_cache(cache_dir: Path | None = None) -> dict:
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     removed = cache_info(root)
     for path in _entries(root):
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return removed
 
 

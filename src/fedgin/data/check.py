@@ -1,4 +1,9 @@
-"""``fedgin data check``: validate datasets and print a case table."""
+"""``fedgin data check``: validate datasets and print a case table.
+
+Besides errors (a case that cannot be read or mapped), it warns about labelled voxels outside the
+body's bounding box (:func:`fedgin.data.preprocess.body_box`): training still sees them (its plane
+includes every label), but a prediction only covers the body, so such labels (a mask on air, a
+label misaligned with its image) are never predicted."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from ..errors import DataError, FedginError
 from .datasets import check_label_map_names, open_dataset
 from .labels import LabelScheme
 from .nifti import axcodes_of, spacing_of
+from .preprocess import labels_outside_body
 
 
 @dataclass
@@ -23,6 +29,7 @@ class CaseRow:
     axcodes: str
     present: tuple[str, ...]
     annotated: tuple[str, ...]
+    outside_body: int = 0  # labelled voxels outside the body's bounding box
 
 
 def check_datasets(paths: list[str], scheme: LabelScheme,
@@ -57,15 +64,23 @@ def check_datasets(paths: list[str], scheme: LabelScheme,
                     errors.append(str(DataError(ref.label, f"labels organ(s) {stray} that the manifest "
                                                             "does not list as annotated")))
                     continue
+            outside = labels_outside_body(image, affine, ref.modality, label) if present else 0
             rows.append(CaseRow(dataset.name, ref.case_id, ref.modality, tuple(image.shape),
                                 tuple(round(s, 3) for s in spacing_of(affine)), axcodes_of(affine),
-                                present, ref.annotated))
+                                present, ref.annotated, outside))
     if len(opened) == len(paths):  # a dataset that did not open has labels we cannot know
         try:
             check_label_map_names(label_map, opened)
         except FedginError as exc:
             errors.append(str(exc))
     return rows, errors
+
+
+def warning_lines(rows: list[CaseRow]) -> list[str]:
+    """One line per case with labelled voxels outside the body (see the module docstring)."""
+    return [f"{r.dataset}/{r.case}: {r.outside_body} labelled voxel(s) lie outside the body's bounding box; "
+            "training sees them, prediction does not (a label on air, or misaligned with its image?)"
+            for r in rows if r.outside_body]
 
 
 def summary_line(rows: list[CaseRow], errors: list[str], n_datasets: int) -> str:

@@ -2,9 +2,19 @@
 
 Steps (forward): reorient to RAS (axis permutation and flips only, no interpolation, so oblique
 affines are kept exactly), resample in-plane to ``spacing_mm`` (slices are never resampled: MRI
-slices of 5-8 mm would otherwise be invented), normalise intensity per modality, then centre
-pad/crop each axial slice to ``slice_size``. The :class:`Geometry` record holds everything needed to
-send a prediction back onto the input's own voxel grid.
+slices of 5-8 mm would otherwise be invented), normalise intensity per modality, then cut every
+axial slice to the body's bounding box (see below). The :class:`Geometry` record holds everything
+needed to send a prediction back onto the input's own voxel grid.
+
+Field of view: the plane kept is the in-plane bounding box of the body over all slices (CT above
+-500 HU, MRI above 5% of its intensity range; rows holding fewer than 0.5% of the fullest row's
+body voxels are noise, not body), widened by 10 mm, joined with the box of every labelled voxel,
+and padded with air to at least ``slice_size``. Nothing of the patient is cropped away, whatever
+the scanner's field of view, and a patient lying off-centre in a wide field gives the same plane
+as when centred. Training cuts ``slice_size`` crops from it (:mod:`fedgin.engine.sampling`);
+prediction covers all of it in overlapping tiles of ``slice_size`` (:mod:`fedgin.engine.inference`).
+Labelled voxels outside the body box are counted (``Preprocessed.labels_outside_body``): a
+prediction, which has no label to widen the box, never sees them, and ``fedgin data check`` warns.
 
 Intensity choices (two steps):
 - range: CT is clipped to the abdominal soft-tissue window [-125, 275] HU (W400/L75, as the
@@ -35,15 +45,21 @@ INTENSITY_MODES = ("zscore", "unit")
 # body masks on the [0, 1] range: CT above the window floor (air and lung sit at 0), MRI above 5%
 # of the percentile range (background noise sits below)
 BODY_THRESHOLD = {"CT": 0.0, "MRI": 0.05}
+#: the field of view's body: CT above this (fat, skin and the table are in, air is out) ...
+BODY_HU = -500.0
+#: ... and a row of the plane is body when it holds this share of the fullest row's body voxels
+BODY_ROW_FRACTION = 0.005
+BODY_MARGIN_MM = 10.0
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Settings of :func:`preprocess`; they travel in every checkpoint.
 
-    ``spacing_mm`` is the in-plane (R-L, A-P) target spacing; ``slice_size`` the fixed (H, W)
-    in voxels after pad/crop, a multiple of 16 for the U-Net; ``intensity`` ``"zscore"`` (body
-    mean 0, sd 1) or ``"unit"`` ([0, 1]), see the module docstring.
+    ``spacing_mm`` is the in-plane (R-L, A-P) target spacing; ``slice_size`` the (H, W) in voxels
+    of a training crop and of a prediction tile, a multiple of 16 for the U-Net (planes are padded
+    to at least this); ``intensity`` ``"zscore"`` (body mean 0, sd 1) or ``"unit"`` ([0, 1]), see
+    the module docstring.
     """
 
     spacing_mm: tuple[float, float] = (2.5, 2.5)
@@ -76,7 +92,8 @@ class Geometry:
     ornt: tuple[tuple[float, float], ...]  # nibabel orientation: input axes -> RAS axes
     ras_shape: tuple[int, int, int]
     resampled_shape: tuple[int, int]  # in-plane size after resampling
-    offsets: tuple[int, int]  # where the resampled plane starts inside the padded/cropped slice
+    offsets: tuple[int, int]  # where the resampled plane starts inside the kept plane (< 0: cut)
+    tile: tuple[int, int] | None = None  # the prediction tile (``slice_size``); None: the whole plane
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +107,7 @@ class Geometry:
             ras_shape=tuple(d["ras_shape"]),
             resampled_shape=tuple(d["resampled_shape"]),
             offsets=tuple(d["offsets"]),
+            tile=tuple(d["tile"]) if d.get("tile") else None,
         )
 
 
@@ -97,11 +115,13 @@ class Geometry:
 class Preprocessed:
     """A case ready for 2D training: ``image`` D x H x W float32 (body z-scored, or [0, 1] with
     ``intensity="unit"``), ``label`` D x H x W uint8 scheme ids (or None), and the geometry to go
-    back."""
+    back. From the cache, ``image`` and ``label`` may be :class:`fedgin.data.npy.NpyVolume`."""
 
     image: np.ndarray
     label: np.ndarray | None
     geometry: Geometry
+    labels_outside_body: int = 0  # labelled input voxels outside the body box (module docstring)
+    organ_slices: np.ndarray | None = None  # per slice: does the label show an organ (cache entries)
 
 
 def normalise_intensity(image: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
@@ -135,8 +155,83 @@ def _resize_planes(volume: torch.Tensor, size: tuple[int, int], mode: str) -> to
     return F.interpolate(volume, size=size, mode="bilinear", align_corners=False)
 
 
-def _pad_crop_offsets(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
-    return tuple((t - s) // 2 for s, t in zip(size, target))
+def _row_counts(mask_of, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How many voxels of ``mask_of(volume)`` each row of the X x Y plane holds along X and along
+    Y, over every slice of the X x Y x Z ``volume`` (32 slices at a time: no full-size mask)."""
+    along_x = np.zeros(volume.shape[0], np.int64)
+    along_y = np.zeros(volume.shape[1], np.int64)
+    for z in range(0, volume.shape[2], 32):
+        mask = mask_of(volume[:, :, z:z + 32])
+        along_x += mask.sum(axis=(1, 2))
+        along_y += mask.sum(axis=(0, 2))
+    return along_x, along_y
+
+
+def _extent(counts: np.ndarray, fraction: float) -> tuple[int, int] | None:
+    """``(first, stop)`` of the rows holding at least ``fraction`` of the fullest row's count (and
+    at least one voxel); None when there is none."""
+    if counts.max(initial=0) == 0:
+        return None
+    rows = np.flatnonzero(counts >= max(1.0, fraction * counts.max()))
+    return int(rows[0]), int(rows[-1]) + 1
+
+
+def _join(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
+    if a is None or b is None:
+        return a or b
+    return min(a[0], b[0]), max(a[1], b[1])
+
+
+def body_box(image: np.ndarray, unit: np.ndarray, modality: str, spacing: tuple[float, float],
+             label: np.ndarray | None = None) -> tuple[tuple[tuple[int, int], ...], int]:
+    """The in-plane box kept of an X x Y x Z RAS volume, as ``((x0, x1), (y0, y1))`` input voxels
+    (see the module docstring), and how many labelled voxels lie outside the body's part of it.
+
+    ``image`` is the volume in its own units (HU for CT), ``unit`` the same on the [0, 1] range
+    (MRI's body threshold)."""
+    if modality == "CT":
+        counts = _row_counts(lambda v: v > BODY_HU, image)
+    else:
+        counts = _row_counts(lambda v: v > BODY_THRESHOLD["MRI"], unit)
+    body = []
+    for axis, (c, step) in enumerate(zip(counts, spacing)):
+        extent = _extent(c, BODY_ROW_FRACTION) or (0, image.shape[axis])
+        margin = int(np.ceil(BODY_MARGIN_MM / step))
+        body.append((max(0, extent[0] - margin), min(image.shape[axis], extent[1] + margin)))
+    if label is None:
+        return tuple(body), 0
+    labelled = _row_counts(lambda v: v > 0, label)
+    outside = 0
+    if labelled[0].any():
+        (x0, x1), (y0, y1) = body
+        inside = int(sum((label[x0:x1, y0:y1, z:z + 32] > 0).sum() for z in range(0, label.shape[2], 32)))
+        outside = int(labelled[0].sum()) - inside
+    return tuple(_join(b, _extent(c, 0.0)) for b, c in zip(body, labelled)), outside
+
+
+def labels_outside_body(image: np.ndarray, affine: np.ndarray, modality: str, label: np.ndarray,
+                        cfg: PreprocessConfig | None = None) -> int:
+    """How many labelled voxels of a case on its input grid lie outside :func:`body_box`'s body."""
+    cfg = cfg or PreprocessConfig()
+    ornt = nib.orientations.io_orientation(affine)
+    ras_image = nib.orientations.apply_orientation(image, ornt)
+    sx, sy, _ = spacing_of(affine @ nib.orientations.inv_ornt_aff(ornt, image.shape))
+    unit = normalise_intensity(ras_image, modality, cfg) if modality != "CT" else ras_image
+    return body_box(ras_image, unit, modality, (sx, sy), nib.orientations.apply_orientation(label, ornt))[1]
+
+
+def _plane_offsets(box: tuple[tuple[int, int], ...], shape: tuple[int, int], size: tuple[int, int],
+                   minimum: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The kept plane's size and the resampled plane's offsets in it, for ``box`` in input voxels of
+    an input plane of ``shape`` resampled to ``size``: the box (in resampled voxels, rounded
+    outwards) centred in a plane of at least ``minimum``."""
+    target, offsets = [], []
+    for (a, b), n, m, low in zip(box, shape, size, minimum):
+        start, stop = int(np.floor(a * m / n)), int(np.ceil(b * m / n))
+        t = max(stop - start, low)
+        target.append(t)
+        offsets.append((t - (stop - start)) // 2 - start)
+    return tuple(target), tuple(offsets)
 
 
 def _place(plane: np.ndarray, target: tuple[int, int], offsets: tuple[int, int], fill) -> np.ndarray:
@@ -180,21 +275,22 @@ def preprocess(
     nx, ny, _ = ras_image.shape
     size = (max(1, round(nx * sx / cfg.spacing_mm[0])), max(1, round(ny * sy / cfg.spacing_mm[1])))
     norm = normalise_intensity(ras_image, modality, cfg)
+    ras_label = nib.orientations.apply_orientation(label, ornt) if label is not None else None
+    box, outside = body_box(ras_image, norm, modality, (sx, sy), ras_label)
+    target, offsets = _plane_offsets(box, (nx, ny), size, cfg.slice_size)
     # slices first: D x 1 x X x Y, so in-plane resampling is one batched call
     planes = torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))[:, None]
     planes = _resize_planes(planes, size, "bilinear")[:, 0].numpy()
-    offsets = _pad_crop_offsets(size, cfg.slice_size)
-    out_image = _place(planes, cfg.slice_size, offsets, 0.0).astype(np.float32)
+    out_image = _place(planes, target, offsets, 0.0).astype(np.float32)
     if cfg.intensity == "zscore":
         # after padding: the padding (0 on the [0, 1] range) gets the value of air
         mean, sd = body_statistics(norm, modality)
         out_image = ((out_image - np.float32(mean)) / np.float32(sd)).astype(np.float32)
     out_label = None
-    if label is not None:
-        ras_label = nib.orientations.apply_orientation(label, ornt)
+    if ras_label is not None:
         lp = torch.from_numpy(np.ascontiguousarray(ras_label.transpose(2, 0, 1)))[:, None]
         lp = _resize_planes(lp, size, "nearest")[:, 0].numpy()
-        out_label = _place(lp.astype(np.uint8), cfg.slice_size, offsets, 0)
+        out_label = _place(lp.astype(np.uint8), target, offsets, 0)
     geometry = Geometry(
         original_shape=tuple(int(s) for s in image.shape),
         original_affine=tuple(tuple(float(v) for v in row) for row in affine),
@@ -202,13 +298,14 @@ def preprocess(
         ras_shape=tuple(int(s) for s in ras_image.shape),
         resampled_shape=size,
         offsets=offsets,
+        tile=tuple(cfg.slice_size),
     )
-    return Preprocessed(image=out_image, label=out_label, geometry=geometry)
+    return Preprocessed(image=out_image, label=out_label, geometry=geometry, labels_outside_body=outside)
 
 
 def probabilities_to_original(probs: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """Class probabilities ``C x D x H x W`` (preprocessed space) -> ``C x X x Y x Z`` on the input
-    grid. Cropped-away regions become background; in-plane resampling is bilinear on
+    grid. Regions outside the kept plane become background; in-plane resampling is bilinear on
     probabilities (smoother borders than resampling labels)."""
     ras = _planes_to_ras(_as_float32(probs), geometry).permute(1, 2, 3, 0).numpy()  # C x X x Y x D (RAS)
     back = np.stack([_to_input_axes(c, geometry) for c in ras])

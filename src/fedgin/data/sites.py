@@ -1,4 +1,5 @@
-"""A site's data, ready for the trainer: preprocessed training and validation cases.
+"""A site's data, ready for the trainer: preprocessed training and validation cases, whose
+arrays stay in the preprocessing cache on disk (memory does not grow with a site's size).
 
 Only this module (and the evaluation/prediction code) touches images; what the federated client
 sends is built from the trainer's results, never from these arrays.
@@ -13,25 +14,34 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .cache import load_case
+from .cache import load_case, organ_slices
 from .datasets import CaseRef, Dataset, open_dataset
 from .labels import LabelScheme
+from .npy import NpyVolume
 from .preprocess import Geometry, PreprocessConfig
 from .splits import Split, split_for
 
 
 @dataclass
 class CaseData:
-    """One preprocessed case: ``image`` D x H x W float32 [0, 1], ``label`` D x H x W uint8,
-    ``annotated`` a bool vector over classes (background always True)."""
+    """One preprocessed case: ``image`` D x H x W float32, ``label`` D x H x W uint8 (arrays, or
+    :class:`NpyVolume` read from the cache a slice at a time), ``annotated`` a bool vector over
+    classes (background always True), ``organ_slices`` per slice whether it shows an organ (None:
+    computed from the label)."""
 
     case_id: str
     modality: str
-    image: np.ndarray
-    label: np.ndarray
+    image: np.ndarray | NpyVolume
+    label: np.ndarray | NpyVolume
     annotated: np.ndarray
     geometry: Geometry
     ref: CaseRef
+    organ_slices: np.ndarray | None = None
+
+    def slices_with_organs(self) -> np.ndarray:
+        if self.organ_slices is None:
+            self.organ_slices = organ_slices(np.asarray(self.label))
+        return self.organ_slices
 
 
 @dataclass
@@ -45,7 +55,7 @@ class SiteData:
 
     @property
     def num_train_slices(self) -> int:
-        return int(sum(c.image.shape[0] for c in self.train))
+        return int(sum(len(c.image) for c in self.train))
 
 
 def annotated_mask(ref: CaseRef, scheme: LabelScheme) -> np.ndarray:
@@ -58,11 +68,12 @@ def annotated_mask(ref: CaseRef, scheme: LabelScheme) -> np.ndarray:
 
 def load_case_data(ref: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig,
                    cache_dir: Path | None) -> CaseData:
-    pre = load_case(ref, scheme, cfg, cache_dir)
+    """``ref`` preprocessed, its arrays left in the cache entry (read a slice at a time)."""
+    pre = load_case(ref, scheme, cfg, cache_dir, in_memory=False)
     if pre.label is None:
         raise DataError(ref.image, "training and validation cases need a label")
     return CaseData(ref.case_id, ref.modality, pre.image, pre.label, annotated_mask(ref, scheme),
-                    pre.geometry, ref)
+                    pre.geometry, ref, pre.organ_slices)
 
 
 def load_site(

@@ -1,39 +1,68 @@
-"""Slice-wise inference of the 2D model on whole volumes (no GIN: prediction sees real intensities)."""
+"""Slice-wise inference of the 2D model on whole volumes (no GIN: prediction sees real intensities).
+
+A preprocessed plane covers the patient's whole body and may be larger than the crops the model
+was trained on (``PreprocessConfig.slice_size``, recorded as ``Geometry.tile``). Such a plane is
+predicted in overlapping tiles of that size, blended with Gaussian weights (MONAI's
+``sliding_window_inference``, as nnU-Net does), so every tile sees what a training crop saw: the
+U-Net's instance normalisation takes its statistics over one crop-sized window, never over a wider
+field of view than in training.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 
 from ..data.preprocess import Preprocessed, labels_and_probabilities_from_slices, labels_from_slices
 
+#: overlap of neighbouring tiles (MONAI's default; nnU-Net uses 0.5 at twice the cost on wide planes)
+TILE_OVERLAP = 0.25
 
-def iter_probs(model: torch.nn.Module, image: np.ndarray, device: torch.device, batch_size: int = 32):
+
+def tile_of(case) -> tuple[int, int] | None:
+    """The prediction tile a preprocessed case (anything with a ``geometry``) was made for; None
+    (its whole plane at once) without one."""
+    geometry = getattr(case, "geometry", None)
+    return tuple(geometry.tile) if geometry is not None and geometry.tile else None
+
+
+def _softmax(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(model(x).float(), dim=1)
+
+
+def iter_probs(model: torch.nn.Module, image, device: torch.device, batch_size: int = 32,
+               tile: tuple[int, int] | None = None):
     """``(first slice, C x d x H x W softmax probabilities)`` for each batch of slices of a
-    preprocessed ``D x H x W`` volume (on the CPU)."""
+    preprocessed ``D x H x W`` volume (an array or an on-disk volume), on the CPU; a plane larger
+    than ``tile`` in tiles of it (module docstring), ``tile=None``: the whole plane at once."""
     was_training = model.training
     model.eval()
     amp = device.type == "cuda"
     try:
-        for start in range(0, image.shape[0], batch_size):
+        for start in range(0, len(image), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(image[start:start + batch_size]))[:, None].to(device)
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                logits = model(x)
-            yield start, torch.softmax(logits.float(), dim=1).cpu().permute(1, 0, 2, 3)
+                if tile is None or tuple(x.shape[-2:]) == tuple(tile):
+                    probs = _softmax(model, x)
+                else:
+                    probs = sliding_window_inference(x, tuple(tile), batch_size, lambda t: _softmax(model, t),
+                                                     overlap=TILE_OVERLAP, mode="gaussian")
+            yield start, probs.float().cpu().permute(1, 0, 2, 3)
     finally:
         model.train(was_training)
 
 
-def predict_probs(model: torch.nn.Module, image: np.ndarray, device: torch.device,
-                  batch_size: int = 32) -> torch.Tensor:
+def predict_probs(model: torch.nn.Module, image, device: torch.device, batch_size: int = 32,
+                  tile: tuple[int, int] | None = None) -> torch.Tensor:
     """Softmax probabilities ``C x D x H x W`` for a preprocessed ``D x H x W`` volume."""
-    return torch.cat([p for _, p in iter_probs(model, image, device, batch_size)], dim=1)
+    return torch.cat([p for _, p in iter_probs(model, image, device, batch_size, tile)], dim=1)
 
 
 def predict_labels(model: torch.nn.Module, pre: Preprocessed, device: torch.device) -> np.ndarray:
     """uint8 label map on the case's own input grid (same shape as the input file), computed batch
     of slices by batch (memory does not grow with the class count times the input's size)."""
-    return labels_from_slices(iter_probs(model, pre.image, device), pre.geometry)
+    return labels_from_slices(iter_probs(model, pre.image, device, tile=tile_of(pre)), pre.geometry)
 
 
 def predict_labels_and_probabilities(model: torch.nn.Module, pre: Preprocessed,
@@ -41,10 +70,11 @@ def predict_labels_and_probabilities(model: torch.nn.Module, pre: Preprocessed,
     """:func:`predict_labels` plus the softmax probabilities on the input grid, ``C x X x Y x Z``
     float16 in the input file's voxel order (argmax = the labels), also batch by batch: memory
     grows by the float16 array only."""
-    return labels_and_probabilities_from_slices(iter_probs(model, pre.image, device), pre.geometry)
+    return labels_and_probabilities_from_slices(iter_probs(model, pre.image, device, tile=tile_of(pre)),
+                                                pre.geometry)
 
 
-def predict_preprocessed_labels(model: torch.nn.Module, image: np.ndarray,
-                                device: torch.device) -> np.ndarray:
+def predict_preprocessed_labels(model: torch.nn.Module, image, device: torch.device,
+                                tile: tuple[int, int] | None = None) -> np.ndarray:
     """Label map ``D x H x W`` in preprocessed space (validation during training)."""
-    return predict_probs(model, image, device).argmax(0).numpy().astype(np.uint8)
+    return predict_probs(model, image, device, tile=tile).argmax(0).numpy().astype(np.uint8)

@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from ..atomic import write_text
 from ..data.labels import LabelScheme
-from .inference import predict_preprocessed_labels
+from .inference import predict_preprocessed_labels, tile_of
 from .metrics import dice_score, mean_sd
 
 if TYPE_CHECKING:
@@ -161,15 +161,16 @@ def validation_scores(model: torch.nn.Module, cases: list[CaseData], scheme: Lab
     plain: dict[str, list[float | None]] = {o: [] for o in scheme.organs}
     pp: dict[str, list[float | None]] = {o: [] for o in scheme.organs}
     for case in cases:
-        pred = predict_preprocessed_labels(model, case.image, device)
+        pred = predict_preprocessed_labels(model, case.image, device, tile=tile_of(case))
         # one organ's candidate only clears that organ's voxels, so applying all at once leaves
         # every other organ's Dice as it was
         pred_pp = candidate.apply(pred, scheme)
+        label = np.asarray(case.label)
         for organ in scheme.organs:
             idx = scheme.label_ids[organ]
             if not case.annotated[idx]:
                 continue
-            ref = case.label == idx
+            ref = label == idx
             plain[organ].append(dice_score(pred == idx, ref))
             pp[organ].append(dice_score(pred_pp == idx, ref))
     return ({o: mean_sd(v)["mean"] for o, v in plain.items()},

@@ -19,9 +19,10 @@ from ..augment import GIN, IPA, RandomIntensity
 from ..config import TrainConfig
 from ..data.labels import LabelScheme
 from ..data.sites import CaseData
-from .inference import predict_preprocessed_labels
+from .inference import predict_preprocessed_labels, tile_of
 from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd
+from .sampling import BalancedSampler, SliceIndex, training_crop
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -53,50 +54,6 @@ class EpochResult:
     def mean_dice(self) -> float | None:
         vals = [v for v in self.dice.values() if v is not None]
         return float(np.mean(vals)) if vals else None
-
-
-class SliceBank:
-    """All training slices of some cases in one array, with foreground/background indices.
-
-    ``images`` N x H x W float32, ``labels`` N x H x W uint8, ``annotated`` N x C bool.
-    """
-
-    def __init__(self, cases: list[CaseData]):
-        if not cases:
-            raise ValueError("no training cases")
-        self.images = np.concatenate([c.image for c in cases]).astype(np.float32, copy=False)
-        self.labels = np.concatenate([c.label for c in cases])
-        self.annotated = np.concatenate(
-            [np.repeat(c.annotated[None], c.image.shape[0], axis=0) for c in cases]
-        )
-        has_organ = (self.labels.reshape(len(self.labels), -1) > 0).any(axis=1)
-        self.foreground = np.flatnonzero(has_organ)
-        self.background = np.flatnonzero(~has_organ)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-class BalancedSampler:
-    """Batches that always mix organ slices and background slices.
-
-    Each batch takes ``round(batch_size * foreground_fraction)`` slices showing an organ and the
-    rest from slices without one (when a kind is missing, the other fills the batch).
-    """
-
-    def __init__(self, bank: SliceBank, batch_size: int, foreground_fraction: float, rng: np.random.Generator):
-        self.bank, self.batch_size, self.rng = bank, batch_size, rng
-        self.n_fg = round(batch_size * foreground_fraction)
-        if len(bank.foreground) == 0:
-            self.n_fg = 0
-        if len(bank.background) == 0:
-            self.n_fg = batch_size
-
-    def batch(self) -> np.ndarray:
-        fg = self.rng.choice(self.bank.foreground, self.n_fg) if self.n_fg else np.empty(0, int)
-        n_bg = self.batch_size - self.n_fg
-        bg = self.rng.choice(self.bank.background, n_bg) if n_bg else np.empty(0, int)
-        return np.concatenate([fg, bg])
 
 
 def random_affine(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
@@ -202,7 +159,8 @@ class Trainer:
         ``global_params`` (FedProx) adds ``proximal_mu / 2 * ||w - w_global||^2`` to the loss.
         ``on_epoch(result)`` is called after each epoch (metrics lines, checkpoints).
         """
-        bank = SliceBank(cases)
+        bank = SliceIndex(cases)
+        crop = training_crop(cases)
         steps = self.cfg.steps_per_epoch or max(1, math.ceil(len(bank) / self.slices_per_step))
         total_steps = max(self.total_epochs, start_epoch + epochs) * steps
         results = []
@@ -218,8 +176,8 @@ class Trainer:
                 self.last_lr = self.lr_at(epoch * steps + i, total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.last_lr
-                idx = sampler.batch()
-                loss = self.step(bank, idx, gen, global_params)
+                images, labels, annotated = bank.read(sampler.batch(), crop, rng)
+                loss = self.step(images, labels, annotated, gen, global_params)
                 total += loss
                 bar.set_postfix(loss=f"{loss:.3f}")
             dice = self.validate(val_cases) if (val_cases and self.cfg.validate) else {}
@@ -232,12 +190,13 @@ class Trainer:
                 on_epoch(result)
         return results
 
-    def step(self, bank: SliceBank, idx: np.ndarray, gen: torch.Generator,
+    def step(self, images: np.ndarray, labels: np.ndarray, annotated: np.ndarray, gen: torch.Generator,
              global_params: list[torch.Tensor] | None = None) -> float:
-        """One optimisation step on slices ``idx`` of ``bank``; returns the loss."""
-        images = torch.from_numpy(bank.images[idx])[:, None].to(self.device, non_blocking=True)
-        labels = torch.from_numpy(bank.labels[idx].astype(np.int64))[:, None].to(self.device)
-        annotated = torch.from_numpy(bank.annotated[idx]).to(self.device)
+        """One optimisation step on ``B x H x W`` images and labels (``B x C`` annotation flags, as
+        :meth:`SliceIndex.read` gives them); returns the loss."""
+        images = torch.from_numpy(images)[:, None].to(self.device, non_blocking=True)
+        labels = torch.from_numpy(labels.astype(np.int64))[:, None].to(self.device)
+        annotated = torch.from_numpy(annotated).to(self.device)
         if self.cfg.spatial_augment:
             images, labels = random_affine(images, labels, gen)
         images = self._views(images, gen)
@@ -261,9 +220,10 @@ class Trainer:
         """Mean per-case 3D Dice per organ on preprocessed validation cases (None if never annotated)."""
         per_organ: dict[str, list[float | None]] = {o: [] for o in self.scheme.organs}
         for case in cases:
-            pred = predict_preprocessed_labels(self.model, case.image, self.device)
+            pred = predict_preprocessed_labels(self.model, case.image, self.device, tile=tile_of(case))
+            label = np.asarray(case.label)
             for organ, idx in self.scheme.label_ids.items():
                 if idx == 0 or not case.annotated[idx]:
                     continue
-                per_organ[organ].append(dice_score(pred == idx, case.label == idx))
+                per_organ[organ].append(dice_score(pred == idx, label == idx))
         return {o: mean_sd(v)["mean"] for o, v in per_organ.items()}

@@ -31,7 +31,7 @@ from ..data.datasets import CaseRef  # noqa: E402
 from ..data.labels import LabelScheme  # noqa: E402
 from ..data.preprocess import PreprocessConfig  # noqa: E402
 from ..engine.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
-from ..engine.inference import predict_preprocessed_labels  # noqa: E402
+from ..engine.inference import predict_preprocessed_labels, tile_of  # noqa: E402
 from ..engine.trainer import resolve_device  # noqa: E402
 from ..errors import FedginError, ModelError  # noqa: E402
 from ..evaluation.scoring import select_cases  # noqa: E402
@@ -214,7 +214,7 @@ def _draw_scenario(out: Path, scenario: str, runs: dict[str, FinishedRun], notes
         panels = [Panel("image", None), Panel("reference", reference[z])]
         for method, model in models.items():
             # the model is 2D: the shown slice alone predicts what the whole volume would there
-            labels = predict_preprocessed_labels(model, pre.image[z:z + 1], device)[0]
+            labels = predict_preprocessed_labels(model, pre.image[z:z + 1], device, tile=tile_of(pre))[0]
             dice = case_mean_dice(runs[method].summary, ref)
             panels.append(Panel(f"{method}\nDice {_dice_text(dice)}", labels))
         unknown = [o for o in scheme.organs if o not in ref.annotated]
