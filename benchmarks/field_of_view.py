@@ -64,9 +64,9 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def predict(model: str, folder: Path, out: Path, env: dict) -> None:
+def predict(model: str, folder: Path, out: Path, modality: str, env: dict) -> None:
     command = [sys.executable, "-c", "import sys; from fedgin.cli import main; sys.exit(main())",
-               "predict", "-i", str(folder), "-o", str(out), "--model", model, "--threads", "2"]
+               "predict", "-i", str(folder), "-o", str(out), "--model", model, "--modality", modality]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"fedgin predict failed:\n{done.stderr[-3000:]}")
@@ -97,13 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
             image, label, affine = ref.read(scheme)
             air = -1024.0 if ref.modality == "CT" else 0.0
             canvas, moved, region = placed(image.astype(np.float32), affine, args.fov, air)
-            write_volume(work / "centred" / f"{case_id}_0000.nii.gz", image, affine, dtype=np.int16)
-            write_volume(work / "wide" / f"{case_id}_0000.nii.gz", canvas, moved, dtype=np.int16)
+            write_volume(work / f"centred-{ref.modality}" / f"{case_id}_0000.nii.gz", image, affine, dtype=np.int16)
+            write_volume(work / f"wide-{ref.modality}" / f"{case_id}_0000.nii.gz", canvas, moved, dtype=np.int16)
             regions[case_id] = (ref.modality, label, region, canvas.shape)
     seconds = {}
     for kind in ("centred", "wide"):
         start = time.perf_counter()
-        predict(args.model, work / kind, work / f"pred-{kind}", env)
+        for modality in ("CT", "MRI"):
+            predict(args.model, work / f"{kind}-{modality}", work / f"pred-{kind}", modality, env)
         seconds[kind] = round(time.perf_counter() - start, 1)
     cases = []
     for case_id, (modality, label, region, shape) in regions.items():

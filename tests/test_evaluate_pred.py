@@ -223,3 +223,12 @@ def test_a_totalsegmentator_reference_needs_labels_json(tmp_path, capsys):
     metrics = summary_of(tmp_path / "eval")["metric_per_case"][0]["metrics"]
     assert metrics["liver"] == PERFECT and metrics["spleen"] == PERFECT
     assert metrics["pancreas"]["dice"] is None  # no pancreas mask: not annotated
+
+
+def test_data_given_twice_reads_both_datasets():
+    """``--data A --data B`` is two datasets (as ``--data A B`` and ``--ref A --ref B``), never B alone."""
+    from fedgin.cli import build_parser
+
+    for argv in (["--data", "a", "--data", "b"], ["--data", "a", "b"], ["--ref", "a", "--ref", "b"]):
+        args = build_parser().parse_args(["evaluate", "--pred", "p", "--out", "o", *argv])
+        assert list(args.data) + list(args.ref) == ["a", "b"], argv

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     scored.add_argument("--model", help="run dir or checkpoint file: predict and score")
     scored.add_argument("--pred", metavar="DIR", help="folder of label maps {case_id}.nii.gz (nnU-Net, "
                         "TotalSegmentator, fedgin predict, ...) to score as they are")
-    p.add_argument("--data", nargs="+", default=[], metavar="DATASET", help="reference dataset folders")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DATASET",
+                   help="reference dataset folders (repeatable)")
     p.add_argument("--ref", action="append", default=[], metavar="DATASET",
                    help="a reference dataset folder (repeatable; the same as --data)")
     p.add_argument("--out", required=True)
