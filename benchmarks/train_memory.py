@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,13 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
             (data / "done").write_text(str(ct))
             print(f"{n} phantom cases written in {time.perf_counter() - start:.0f} s", flush=True)
         ct = Path((data / "done").read_text())
-        cache = work / f"cache{n}"
+        tag = f"{n}-{args.src.name if args.src else 'here'}"
+        cache = work / f"cache{tag}"
+        shutil.rmtree(cache, ignore_errors=True)  # the cold run starts from an empty cache
         row = {}
         for phase in ("cold", "warm"):
             command = [sys.executable, "-c", "import sys; from fedgin.cli import main; sys.exit(main())",
                        "train", "--site", f"ct={ct}", "--mode", "local", "--epochs", "1",
                        "--steps-per-epoch", str(args.steps), "--threads", str(THREADS),
-                       "--out", str(work / f"run{n}-{phase}"), "--cache-dir", str(cache)]
+                       "--out", str(work / f"run{tag}-{phase}"), "--cache-dir", str(cache)]
+            shutil.rmtree(work / f"run{tag}-{phase}", ignore_errors=True)
             row[phase] = measure(command, env)
             row[phase].pop("stderr")
             row[phase].pop("rc")
