@@ -41,7 +41,7 @@ DATASETS = ("Dataset801_AbdomenCT", "Dataset802_AbdomenMR")
 ORGANS = ("liver", "kidneys", "spleen")  # those every test case annotates
 
 
-def test_ids(name: str) -> list[str]:
+def shipped_test_ids(name: str) -> list[str]:
     split = json.loads((ROOT / "src" / "fedgin" / "splits" / "abdomen-ct-mr.json").read_text())
     return split["datasets"][name]["test"]
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     regions = {}
     for name in DATASETS:
         dataset = open_dataset(args.data / name, scheme)
-        for case_id in test_ids(name):
+        for case_id in shipped_test_ids(name):
             ref = dataset.case(case_id)
             image, label, affine = ref.read(scheme)
             air = -1024.0 if ref.modality == "CT" else 0.0

@@ -244,7 +244,7 @@ def test_training_never_loads_a_whole_training_case(phantom_datasets, tmp_path, 
     assert len(reads) == 2 * 3 * trainer.slices_per_step
 
 
-def test_a_site_copied_elsewhere_trains_the_same(phantom_datasets, tmp_path):
+def test_streamed_and_in_memory_cases_train_the_same(phantom_datasets, tmp_path):
     """Streaming changes nothing in what is learnt: in-memory arrays and on-disk volumes give the
     same weights after the same steps."""
     ct, = copy_sites(phantom_datasets(2, 1)[:1], tmp_path / "data")

@@ -9,10 +9,15 @@ import tempfile
 from pathlib import Path
 
 
-def _file_mode() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put back at once)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _file_mode() -> int:
+    return 0o666 & ~current_umask()
 
 
 def temp_path(target: Path, suffix: str = "") -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import current_umask
 from .datasets import CaseRef
 from .labels import LabelScheme
 from .npy import DamagedArray, NpyVolume
@@ -150,7 +151,7 @@ def _write_entry(folder: Path, pre: Preprocessed) -> None:
         if pre.label is not None:
             np.save(tmp / "label.npy", np.ascontiguousarray(pre.label, dtype=np.uint8))
         (tmp / "meta.json").write_text(json.dumps(meta))
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -158,12 +159,6 @@ def _write_entry(folder: Path, pre: Preprocessed) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _entries(root: Path) -> list[Path]:
