@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import STRATEGIES
 from .data.labels import parse_label_map
 from .errors import DataError, FedginError
 
@@ -156,7 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_training(p)
     p.add_argument("--rounds", type=POSITIVE_INT)
     p.add_argument("--local-epochs", type=POSITIVE_INT)
-    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedbn", "fedadam"])
+    p.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES),
+                   help="fedmedian / fedtrimmedavg: robust to a faulty site (3 or more sites)")
+    p.add_argument("--trim-beta", type=float, help="fedtrimmedavg: fraction cut from each end "
+                   "(default max(0.2, 1/sites), so one site is cut)")
+    p.add_argument("--dp-clip", type=POSITIVE_FLOAT, metavar="C",
+                   help="differential privacy: clip each site's update to L2 norm C (Flower's fixed clipping)")
+    p.add_argument("--dp-noise", type=float, metavar="SIGMA", help="DP noise multiplier: Gaussian noise of sd "
+                   "SIGMA x C on the sum of the updates (default 0: clipping only, no guarantee)")
+    p.add_argument("--dp-mode", choices=["server", "client"], help="where updates are clipped (default server)")
+    p.add_argument("--dp-delta", type=float, help="the delta at which the spent epsilon is reported (default 1e-5)")
+    p.add_argument("--secagg", action="store_true", help="Flower's SecAgg+: the server sees only the masked "
+                   "sum of the sites' updates (experimental; fedavg, fedprox or fedbn; not with DP)")
     p.add_argument("--proximal-mu", type=float, help="FedProx proximal weight (default 0.01)")
     p.add_argument("--min-sites", type=POSITIVE_INT, help="finish a round when at least this many sites replied")
     p.add_argument("--round-timeout", type=POSITIVE_FLOAT, help="seconds a round waits for replies (default 1800)")
@@ -275,7 +287,9 @@ def cmd_federate(args) -> int:
                   cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
                   local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
                   round_timeout=args.round_timeout, postprocess=args.postprocess,
-                  proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map))
+                  proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map),
+                  trim_beta=args.trim_beta, dp_clip=args.dp_clip, dp_noise=args.dp_noise, dp_mode=args.dp_mode,
+                  dp_delta=args.dp_delta, secagg=args.secagg or None)
     out = federate(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0

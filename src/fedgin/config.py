@@ -121,6 +121,12 @@ def recorded_run_id(out: Path) -> str | None:
         return None
 
 
+#: the federated aggregation strategies (fedgin.federated.strategy)
+STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedmedian", "fedtrimmedavg")
+#: aggregators that one faulty or hostile site cannot move arbitrarily (they need 3 or more sites)
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; written to ``RUN/config.json``."""
@@ -139,6 +145,19 @@ class RunConfig:
     round_timeout: float = 1800.0  # seconds a round waits for sites' replies
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    # FedTrimmedAvg's fraction cut from each end per coordinate (None: max(0.2, 1 / sites), so at
+    # least one site's value is cut)
+    trim_beta: float | None = None
+    # differential privacy with Flower's fixed-clipping wrappers (fedgin.federated.privacy): the L2
+    # bound of a site's update (None: no DP), the noise multiplier (Gaussian noise of sd
+    # dp_noise x dp_clip on the sum of the clipped updates), where the clipping happens (server or
+    # client), and the delta at which the spent epsilon is reported
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
+    dp_mode: str = "server"
+    dp_delta: float = 1e-5
+    # Flower's SecAgg+: the server sees only the masked sum of the sites' updates (experimental)
+    secagg: bool = False
     split: str | None = None
     train_cases: dict[str, list[str]] | None = None  # site -> the only training cases it may use
     cache_dir: str | None = None

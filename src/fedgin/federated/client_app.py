@@ -22,10 +22,12 @@ from flwr.clientapp import ClientApp
 from ..atomic import write_bytes
 from ..config import RunConfig, SiteSpec
 from ..engine.model import build_model
+from .privacy import clip_when_asked
 from .task import evaluate_round, norm_layer_keys, run_config_from_json, train_round
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-app = ClientApp()
+# client-side DP: Flower's fixedclipping_mod clips the update of a train message that asks for it
+app = ClientApp(mods=[clip_when_asked])
 logger = logging.getLogger("fedgin.client")
 
 

@@ -27,6 +27,9 @@ def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
     names = [s.name for s in cfg.sites]
     if len(set(names)) != len(names):
         raise FedginError(f"site names must be unique: {names}")
+    from .strategy import check_options  # imports Flower: after the environment above
+
+    check_options(cfg)
     cpus = os.cpu_count() or 1
     threads = cfg.train.num_threads or max(1, cpus // len(cfg.sites))
     cfg = replace(cfg, train=replace(cfg.train, num_threads=threads))

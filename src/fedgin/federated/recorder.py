@@ -35,6 +35,7 @@ class RoundRecorder:
         self.train: dict[int, dict] = {}
         self.evaluate: dict[int, dict] = {}
         self.failures: dict[int, list[str]] = {}
+        self.privacy: dict[int, dict] = {}  # round -> the differential-privacy record after its release
         self.round_start = time.perf_counter()
         self.sites = [{"name": s.name, "modality": s.modality, "dataset": s.dataset} for s in cfg.sites]
 
@@ -60,6 +61,22 @@ class RoundRecorder:
         for failure in failures:
             self.log(f"round {server_round}: a site failed and was left out of this round: {failure}")
 
+    def record_privacy(self, server_round: int, record: dict) -> None:
+        self.privacy[server_round] = record
+
+    def privacy_line(self, server_round: int) -> str | None:
+        """The spent (epsilon, delta) after ``server_round``, in words; None without DP."""
+        released = [r for r in self.privacy if r <= server_round]
+        if not released:
+            return None
+        record = self.privacy[max(released)]
+        if record["epsilon"] is None:
+            return (f"differential privacy: updates clipped to {record['clipping_norm']:g} ({record['mode']}), "
+                    "no noise (--dp-noise 0): no privacy guarantee")
+        return (f"differential privacy: epsilon {record['epsilon']:.4g} at delta {record['delta']:g} after "
+                f"{record['releases']} round(s) (noise multiplier {record['noise_multiplier']:g}, "
+                f"clip {record['clipping_norm']:g}, {record['mode']}-side clipping; Flower's RDP accountant)")
+
     def record_evaluate(self, server_round: int, replies: list[dict]) -> None:
         self.evaluate[server_round] = {int(r["site-index"]): r for r in replies}
 
@@ -83,13 +100,14 @@ class RoundRecorder:
                 lr=_clean(t.get("lr")),
                 num_examples=int(t["num-examples"]) if t else None,
                 trained=bool(t),
+                **({"privacy": self.privacy[server_round]} if server_round in self.privacy else {}),
             )
         state = numpy_to_state(arrays, reference)
         plan, decision = self.decide_postprocessing(server_round)
         meta = {"mode": "federated", "round": server_round, "strategy": self.cfg.strategy, "seed": self.cfg.seed,
                 "split": self.cfg.split, "label_map": self.cfg.label_map,
                 "gin": self.cfg.train.gin, "sites_replied": len(train), "time": time.time(),
-                "postprocess": decision}
+                "postprocess": decision, "privacy": self.privacy.get(server_round)}
         # written before the checkpoints: a round whose checkpoint exists has its decision
         write_decision(self.out / "postprocess.json", decision)
         kwargs = dict(model_config=self.cfg.model, scheme=self.scheme, preprocess=self.cfg.preprocess,
@@ -99,6 +117,9 @@ class RoundRecorder:
         self._progress(server_round, train, evaluate)
         if server_round == self.cfg.rounds:
             self.log(f"post-processing decided on the sites' validation cases: {plan}")
+            line = self.privacy_line(server_round)
+            if line:
+                self.log(line)
         return path
 
     def decide_postprocessing(self, server_round: int) -> tuple[PostprocessPlan, dict]:

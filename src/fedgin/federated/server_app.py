@@ -5,8 +5,9 @@ Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``): ``con
 in a deployment ``"ct=- mri=-"``, names and order only, each SuperNode's ``data-dir`` holds its
 data), ``out`` (an absolute path), ``rounds``, ``local-epochs``, ``strategy``, ``gin``, ``preset``,
 ``seed``, ``min-sites`` (0: every site); GIN-recipe keys (``""``: the preset's)
-``gin-views``, ``clean-view``, ``consistency``, ``ipa``, ``gin-p``, ``lr-schedule``. See
-docs/deployment.md.
+``gin-views``, ``clean-view``, ``consistency``, ``ipa``, ``gin-p``, ``lr-schedule``; privacy and
+robustness keys (``""``: off or the default) ``dp-clip``, ``dp-noise``, ``dp-mode``, ``dp-delta``,
+``trim-beta``, ``secagg``. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..config import RunConfig, SiteSpec, new_run_id, recorded_run_id, resolve
 from ..engine.model import build_model
 from ..errors import FedginError
 from .recorder import RoundRecorder
-from .strategy import make_strategy
+from .privacy import make_private
+from .strategy import check_options, make_strategy
 from .task import norm_layer_keys, run_config_to_json, state_to_numpy
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -34,6 +36,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 RECIPE_KEYS = {"gin-views": ("gin_views", int), "clean-view": ("clean_view", bool),
                "consistency": ("consistency", float), "ipa": ("ipa", bool), "gin-p": ("gin_p", float),
                "lr-schedule": ("lr_schedule", str)}
+#: optional run-config keys -> the RunConfig field and type they set
+FEDERATION_KEYS = {"dp-clip": ("dp_clip", float), "dp-noise": ("dp_noise", float), "dp-mode": ("dp_mode", str),
+                   "dp-delta": ("dp_delta", float), "trim-beta": ("trim_beta", float), "secagg": ("secagg", bool)}
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
@@ -61,7 +66,10 @@ def config_from_run_config(run_config: dict) -> RunConfig:
                       if run_config.get(key, "") != ""}},
                   rounds=int(run_config.get("rounds", 3)), local_epochs=int(run_config.get("local-epochs", 1)),
                   strategy=str(run_config.get("strategy", "fedavg")), seed=int(run_config.get("seed", 0)),
-                  min_sites=min_sites or None, round_timeout=float(run_config.get("round-timeout", 1800)))
+                  min_sites=min_sites or None, round_timeout=float(run_config.get("round-timeout", 1800)),
+                  **{field: kind(run_config[key]) for key, (field, kind) in FEDERATION_KEYS.items()
+                     if run_config.get(key, "") != ""})
+    check_options(cfg)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     # `flwr run` again on the same out resumes that run: it keeps the run's identity, by which the
@@ -90,12 +98,17 @@ def run_server(grid: Grid, cfg: RunConfig, log=print) -> None:
     if done:
         log(f"resuming after round {done}")
     num_sites = len(cfg.sites)
+    check_options(cfg)
+    private = cfg.dp_clip is not None
     strategy = make_strategy(
         cfg.strategy, num_sites=num_sites, min_sites=cfg.min_sites or num_sites, recorder=recorder,
         reference=reference, run_config_json=run_config_to_json(cfg),
         local_keys=frozenset(norm_layer_keys(model)) if cfg.strategy == "fedbn" else frozenset(),
         proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr, round_offset=done,
+        trim_beta=cfg.trim_beta, uniform_weights=private,
     )
+    if private:
+        strategy = make_private(strategy, cfg, num_sites)
     if strategy_state:
         strategy.load_state(strategy_state)
     initial = arrays if arrays is not None else reference

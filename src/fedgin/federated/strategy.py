@@ -1,6 +1,7 @@
-"""Flower strategies for fedgin: Flower's FedAvg / FedProx / FedAdam plus what a multi-site
-segmentation run needs (integer buffers kept integer, FedBN, a minimum of replying sites, resume
-round numbers, and per-site records for ``metrics.jsonl``)."""
+"""Flower strategies for fedgin: Flower's FedAvg / FedProx / FedAdam / FedMedian / FedTrimmedAvg
+plus what a multi-site segmentation run needs (integer buffers kept integer, FedBN, a minimum of
+replying sites, resume round numbers, and per-site records for ``metrics.jsonl``). Differential
+privacy wraps these in :mod:`fedgin.federated.privacy`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,51 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
+from ..config import ROBUST_STRATEGIES, STRATEGIES
+from ..errors import FedginError
 from .recorder import RoundRecorder
 from .task import nan_weighted_mean, restore_dtypes
 
-STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam")
+#: the weight key of a mean in which every site counts the same (differential privacy's
+#: sensitivity assumes it); set on the replies by the server, never sent by a site
+UNIT_WEIGHT = "fedgin-unit-weight"
+
+
+#: where differential privacy clips the sites' updates, and the strategies it can wrap: a mean of
+#: equally weighted sites, whose sensitivity to one site is clip / sites (FedAdam's server step and
+#: the robust aggregators would need another calibration)
+DP_MODES = ("server", "client")
+DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
+
+
+def check_options(cfg) -> None:
+    """Refuse, in one line each, a federated run's options that do not fit together."""
+    n = len(cfg.sites)
+    if cfg.strategy not in STRATEGIES:
+        raise FedginError(f"unknown strategy {cfg.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if cfg.strategy in ROBUST_STRATEGIES and n < 3:
+        raise FedginError(f"--strategy {cfg.strategy} needs at least 3 sites to outvote a faulty one; "
+                          f"with {n} it is the plain mean")
+    if cfg.trim_beta is not None and not 0.0 <= cfg.trim_beta < 0.5:
+        raise FedginError(f"trim-beta must be in [0, 0.5), got {cfg.trim_beta}")
+    if cfg.dp_clip is None:
+        if cfg.dp_noise:
+            raise FedginError("--dp-noise needs --dp-clip (the L2 bound the noise is scaled to)")
+        return
+    if not cfg.dp_clip > 0 or not cfg.dp_noise >= 0:
+        raise FedginError(f"--dp-clip must be > 0 and --dp-noise >= 0, got {cfg.dp_clip} and {cfg.dp_noise}")
+    if cfg.dp_mode not in DP_MODES:
+        raise FedginError(f"--dp-mode must be one of {', '.join(DP_MODES)}, got {cfg.dp_mode!r}")
+    if not 0.0 < cfg.dp_delta < 1.0:
+        raise FedginError(f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
+    if cfg.strategy not in DP_STRATEGIES:
+        raise FedginError(f"differential privacy works with --strategy {', '.join(DP_STRATEGIES)} "
+                          f"(its noise is calibrated to a plain mean), not {cfg.strategy}")
+    if cfg.min_sites is not None and cfg.min_sites < n:
+        raise FedginError(f"differential privacy needs every site in every round: --min-sites {cfg.min_sites} "
+                          f"< {n} sites would release a mean of fewer updates with too little noise")
 
 
 def nan_aware_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -65,7 +105,10 @@ class FedginMixin:
         return super().configure_evaluate(server_round + self.round_offset, arrays,
                                           self._config(config, server_round), grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+    def checked_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message] | None:
+        """The round's valid train replies in site order, after recording them and logging every
+        site that failed or never replied; None when fewer than ``min_sites`` replied (the global
+        model is then kept). Calling it again on the valid replies records the same."""
         absolute = server_round + self.round_offset
         replies = list(replies)
         valid = [r for r in replies if not r.has_error()]
@@ -87,7 +130,15 @@ class FedginMixin:
         if len(valid) < self.min_sites:
             self.recorder.log(f"round {absolute}: only {len(valid)} site(s) replied, fewer than --min-sites "
                               f"{self.min_sites}; the global model is kept unchanged")
+            return None
+        return valid
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid = self.checked_replies(server_round, replies)
+        if valid is None:
             return None, None
+        absolute = server_round + self.round_offset
+        self._mark_unit_weights(valid)
         arrays, metrics = super().aggregate_train(absolute, valid)
         if arrays is None:
             return arrays, metrics
@@ -114,7 +165,13 @@ class FedginMixin:
                                       [dict(r.content["metrics"]) for r in replies])
         if not replies:
             return None
+        self._mark_unit_weights(replies)
         return super().aggregate_evaluate(server_round + self.round_offset, replies)
+
+    def _mark_unit_weights(self, replies: list[Message]) -> None:
+        if self.weighted_by_key == UNIT_WEIGHT:
+            for reply in replies:
+                reply.content["metrics"][UNIT_WEIGHT] = 1
 
     # --- resume -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -161,21 +218,47 @@ class FedginFedAdam(FedginMixin, FedAdam):
     """FedAdam: server-side Adam on the averaged update (BatchNorm statistics averaged plainly)."""
 
 
+class FedginFedMedian(FedginMixin, FedMedian):
+    """FedMedian: the coordinate-wise median of the sites' models (unweighted; robust to one
+    faulty site among three or more)."""
+
+
+class FedginFedTrimmedAvg(FedginMixin, FedTrimmedAvg):
+    """FedTrimmedAvg: per coordinate, the mean after cutting the ``beta`` fraction of highest and
+    lowest values (unweighted)."""
+
+
+def trim_fraction(beta: float | None, num_sites: int) -> float:
+    """FedTrimmedAvg's ``beta``: as given, else 0.2 or enough to cut one site from each end."""
+    if beta is not None:
+        return beta
+    # scipy cuts int(beta * n) values from each end: 1 / n cuts one (the epsilon guards rounding)
+    return min(max(0.2, 1.0 / max(num_sites, 1) + 1e-9), 0.49)
+
+
 def make_strategy(name: str, *, num_sites: int, min_sites: int, recorder: RoundRecorder,
                   reference: dict[str, np.ndarray], run_config_json: str, local_keys: frozenset[str] = frozenset(),
-                  proximal_mu: float = 0.01, server_lr: float = 0.01, round_offset: int = 0):
-    """A configured strategy; every site trains and evaluates each round."""
+                  proximal_mu: float = 0.01, server_lr: float = 0.01, round_offset: int = 0,
+                  trim_beta: float | None = None, uniform_weights: bool = False):
+    """A configured strategy; every site trains and evaluates each round. ``uniform_weights``:
+    every site counts the same in the mean (differential privacy), not by its training slices."""
     # rounds go to every connected site; with min_sites < num_sites a round also starts (and
     # completes) with only min_sites of them, so a lost site does not stop the federation
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
                   min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                   train_metrics_aggr_fn=nan_aware_metrics, evaluate_metrics_aggr_fn=nan_aware_metrics)
+    if uniform_weights:
+        common["weighted_by_key"] = UNIT_WEIGHT
     if name in ("fedavg", "fedbn"):
         strategy = FedginFedAvg(**common)
     elif name == "fedprox":
         strategy = FedginFedProx(proximal_mu=proximal_mu, **common)
     elif name == "fedadam":
         strategy = FedginFedAdam(eta=server_lr, eta_l=server_lr, **common)
+    elif name == "fedmedian":
+        strategy = FedginFedMedian(**common)
+    elif name == "fedtrimmedavg":
+        strategy = FedginFedTrimmedAvg(beta=trim_fraction(trim_beta, num_sites), **common)
     else:
         raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES}")
     strategy.recorder = recorder
