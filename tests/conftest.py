@@ -200,7 +200,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 #: Test files whose slow tests are scheduled one by one (``make test``), longest file first: they
 #: hold function-scoped fixtures only and spend much of their time waiting on Flower's processes.
-SPREAD_MODULES = ("test_learning.py", "test_faults.py", "test_federated.py", "test_determinism.py")
+SPREAD_MODULES = ("test_learning.py", "test_faults.py", "test_federated.py", "test_determinism.py",
+                  "test_robust_aggregation.py", "test_differential_privacy.py", "test_secure_aggregation.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -99,12 +99,14 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SiteSpec:
     """A site: a name and one dataset folder (one modality); ``split`` records which split the run
-    used for it (``Split.source``), filled in once the data is read."""
+    used for it (``Split.source``) and ``train_slices`` its number of training slices (the weight
+    SecAgg+ must bound before the first round), filled in once the data is read."""
 
     name: str
     dataset: str
     modality: str | None = None
     split: str | None = None
+    train_slices: int | None = None
 
 
 def new_run_id() -> str:

@@ -83,7 +83,8 @@ def load_sites(cfg: RunConfig, train_ids: dict[str, list[str]] | None = None) ->
 def with_site_facts(cfg: RunConfig, sites: list[SiteData]) -> RunConfig:
     """``cfg`` with each site's modality and the source of its split as read from its data, for
     ``config.json``."""
-    return replace(cfg, sites=tuple(replace(spec, modality=site.modality, split=site.split.source)
+    return replace(cfg, sites=tuple(replace(spec, modality=site.modality, split=site.split.source,
+                                            train_slices=site.num_train_slices)
                                     for spec, site in zip(cfg.sites, sites)))
 
 

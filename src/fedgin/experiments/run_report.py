@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..data.labels import get_scheme  # noqa: E402
 from ..evaluation.scoring import summary_markdown  # noqa: E402
+from ..federated.recorder import privacy_words  # noqa: E402
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -93,6 +94,12 @@ def write_run_report(run: Path, eval_dir: Path | None, out_md: Path, title: str 
                   f"- learning rate {cfg['train']['lr']}, schedule {cfg['train'].get('lr_schedule', 'constant')}, "
                   f"standard intensity augmentation {'on' if cfg['train'].get('intensity_augment') else 'off'}, "
                   f"intensities {cfg['preprocess'].get('intensity', 'unit')}", ""]
+        private = [r["privacy"] for r in read_metrics(run) if r.get("privacy")]
+        if private:
+            lines += [f"- {privacy_words(private[-1])}", ""]
+        if cfg.get("secagg"):
+            lines += ["- secure aggregation (Flower's SecAgg+): the server saw only the masked sum of the sites' "
+                      "updates", ""]
         lines += [SCORED_CHECKPOINT, ""]
     if eval_dir is not None and (Path(eval_dir) / "summary.json").exists():
         summary = json.loads((Path(eval_dir) / "summary.json").read_text())

@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from ..atomic import write_bytes
 from ..config import RunConfig, SiteSpec
@@ -26,8 +31,7 @@ from .privacy import clip_when_asked
 from .task import evaluate_round, norm_layer_keys, run_config_from_json, train_round
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-# client-side DP: Flower's fixedclipping_mod clips the update of a train message that asks for it
-app = ClientApp(mods=[clip_when_asked])
+
 logger = logging.getLogger("fedgin.client")
 
 
@@ -125,15 +129,52 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in msg.content["arrays"].items()}
 
 
+def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """ClientApp mod: a train message of Flower's SecAgg+ protocol (its ``secaggplus_configs``
+    record) goes through Flower's ``secaggplus_mod``, which trains through :func:`legacy_train`
+    and sends the update masked; every other message passes through unchanged."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, legacy_train)
+    return call_next(msg, context)
+
+
+@site_errors_stay_local
+def legacy_train(msg: Message, context: Context) -> Message:
+    """Train from the legacy FitIns that SecAgg+ sends (unnamed arrays in the model's key order)
+    and reply with the legacy FitRes ``secaggplus_mod`` masks."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    cfg = run_config_from_json(str(fitins.config["run-config"]))
+    keys = list(build_model(cfg.model).state_dict())
+    sent = parameters_to_ndarrays(fitins.parameters)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in zip(keys, sent, strict=True)}),
+                          "config": ConfigRecord(dict(fitins.config))})
+    reply = train_content(content, context)
+    arrays = {k: v.numpy() for k, v in reply["arrays"].items()}
+    metrics = dict(reply["metrics"])
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([arrays[k] for k in keys]),
+                    int(metrics["num-examples"]), metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+# client-side DP: Flower's fixedclipping_mod clips the update of a train message that asks for it;
+# secure aggregation: Flower's secaggplus_mod masks it
+app = ClientApp(mods=[clip_when_asked, secagg_when_asked])
+
+
 @app.train()
 @site_errors_stay_local
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    return Message(content=train_content(msg.content, context), reply_to=msg)
+
+
+def train_content(content: RecordDict, context: Context) -> RecordDict:
+    """A train instruction's content (``arrays``, ``config``) -> the reply's (``arrays``, ``metrics``)."""
+    config = content["config"]
     cfg = run_config_from_json(str(config["run-config"]))
     site, index = resolve_site(context, cfg)
     server_round = int(config["server-round"])
     arrays, metrics, optimizer = train_round(
-        cfg, site, index, _arrays(msg), server_round,
+        cfg, site, index, {k: v.numpy() for k, v in content["arrays"].items()}, server_round,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         local_arrays=_local_arrays(context, cfg, site),
         train_ids=(cfg.train_cases or {}).get(site.name),
@@ -145,9 +186,8 @@ def train(msg: Message, context: Context) -> Message:
         path = _local_state_path(context, cfg, site)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **{k: arrays[k] for k in keys})
-    reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                        "metrics": MetricRecord(metrics)})
-    return Message(content=reply, reply_to=msg)
+    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                       "metrics": MetricRecord(metrics)})
 
 
 @app.evaluate()

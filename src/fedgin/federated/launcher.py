@@ -51,7 +51,9 @@ def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
     # (including run_simulation's deprecation notice) would bury them
     logging.getLogger("flwr").setLevel(logging.ERROR)
     log(f"federating {len(cfg.sites)} sites ({', '.join(f'{s.name}:{s.modality}' for s in cfg.sites)}) "
-        f"for {cfg.rounds} rounds, strategy {cfg.strategy}, GIN {'on' if cfg.train.gin else 'off'} -> {out}")
+        f"for {cfg.rounds} rounds, strategy {cfg.strategy}, GIN {'on' if cfg.train.gin else 'off'}"
+        f"{', secure aggregation (SecAgg+, experimental)' if cfg.secagg else ''}"
+        f"{f', differential privacy (clip {cfg.dp_clip:g}, noise {cfg.dp_noise:g})' if cfg.dp_clip else ''} -> {out}")
     run_simulation(
         server_app=make_server_app(str((out / "config.json").resolve())),
         client_app=client_app,

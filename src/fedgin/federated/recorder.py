@@ -25,6 +25,16 @@ def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+def privacy_words(record: dict) -> str:
+    """A differential-privacy record of ``metrics.jsonl`` (``privacy``) in one line."""
+    if record["epsilon"] is None:
+        return (f"differential privacy: updates clipped to {record['clipping_norm']:g} ({record['mode']}-side), "
+                "no noise (--dp-noise 0): no privacy guarantee")
+    return (f"differential privacy: epsilon {record['epsilon']:.4g} at delta {record['delta']:g} after "
+            f"{record['releases']} round(s) (noise multiplier {record['noise_multiplier']:g}, "
+            f"clip {record['clipping_norm']:g}, {record['mode']}-side clipping; Flower's RDP accountant)")
+
+
 class RoundRecorder:
     """Collects what the strategy sees each round and writes it to the run dir."""
 
@@ -69,13 +79,7 @@ class RoundRecorder:
         released = [r for r in self.privacy if r <= server_round]
         if not released:
             return None
-        record = self.privacy[max(released)]
-        if record["epsilon"] is None:
-            return (f"differential privacy: updates clipped to {record['clipping_norm']:g} ({record['mode']}), "
-                    "no noise (--dp-noise 0): no privacy guarantee")
-        return (f"differential privacy: epsilon {record['epsilon']:.4g} at delta {record['delta']:g} after "
-                f"{record['releases']} round(s) (noise multiplier {record['noise_multiplier']:g}, "
-                f"clip {record['clipping_norm']:g}, {record['mode']}-side clipping; Flower's RDP accountant)")
+        return privacy_words(self.privacy[max(released)])
 
     def record_evaluate(self, server_round: int, replies: list[dict]) -> None:
         self.evaluate[server_round] = {int(r["site-index"]): r for r in replies}

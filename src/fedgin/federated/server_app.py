@@ -26,6 +26,7 @@ from ..engine.model import build_model
 from ..errors import FedginError
 from .recorder import RoundRecorder
 from .privacy import make_private
+from .secagg import run_secagg
 from .strategy import check_options, make_strategy
 from .task import norm_layer_keys, run_config_to_json, state_to_numpy
 
@@ -80,7 +81,7 @@ def config_from_run_config(run_config: dict) -> RunConfig:
     return cfg
 
 
-def run_server(grid: Grid, cfg: RunConfig, log=print) -> None:
+def run_server(grid: Grid, cfg: RunConfig, log=print, context: Context | None = None) -> None:
     """The whole federated run for the ServerApp (resumes after the last completed round)."""
     Path(cfg.out, "checkpoints").mkdir(parents=True, exist_ok=True)
     recorder = RoundRecorder(cfg, Path(cfg.out), log=log)
@@ -120,6 +121,9 @@ def run_server(grid: Grid, cfg: RunConfig, log=print) -> None:
         recorder.finish_round(server_round + done, current, reference_state, strategy.state())
         return None
 
+    if cfg.secagg:
+        run_secagg(grid, context, cfg, strategy, initial, done, on_round_end, log=log)
+        return
     strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
                    num_rounds=cfg.rounds - done, timeout=cfg.round_timeout,
                    evaluate_fn=on_round_end)
@@ -134,7 +138,7 @@ def make_server_app(config_file: str | None = None) -> ServerApp:
         run_config = dict(context.run_config)
         if config_file:
             run_config["config-file"] = config_file
-        run_server(grid, config_from_run_config(run_config))
+        run_server(grid, config_from_run_config(run_config), context=context)
 
     return server
 

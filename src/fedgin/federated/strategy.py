@@ -27,6 +27,8 @@ UNIT_WEIGHT = "fedgin-unit-weight"
 #: the robust aggregators would need another calibration)
 DP_MODES = ("server", "client")
 DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
+#: the strategies whose server step is the weighted mean SecAgg+ unmasks (fedgin.federated.secagg)
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedbn")
 
 
 def check_options(cfg) -> None:
@@ -39,6 +41,15 @@ def check_options(cfg) -> None:
                           f"with {n} it is the plain mean")
     if cfg.trim_beta is not None and not 0.0 <= cfg.trim_beta < 0.5:
         raise FedginError(f"trim-beta must be in [0, 0.5), got {cfg.trim_beta}")
+    if cfg.secagg:
+        if cfg.strategy not in SECAGG_STRATEGIES:
+            raise FedginError(f"--secagg works with --strategy {', '.join(SECAGG_STRATEGIES)} (SecAgg+ unmasks "
+                              f"only a weighted mean), not {cfg.strategy}")
+        if cfg.dp_clip is not None:
+            raise FedginError("--secagg with --dp-clip is not supported: Flower 1.42's SecAgg+ runs on its legacy "
+                              "API, its DP wrappers on the Message API")
+        if n < 2:
+            raise FedginError("--secagg needs at least 2 sites")
     if cfg.dp_clip is None:
         if cfg.dp_noise:
             raise FedginError("--dp-noise needs --dp-clip (the L2 bound the noise is scaled to)")
