@@ -81,6 +81,8 @@ def test_pyproject_gives_ranges_and_the_lock_pins_every_dependency():
         name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
         assert name in lock, f"{name} is not pinned in requirements.lock"
         if name == "flwr":
-            assert requirement == f"flwr[simulation]=={lock['flwr']}" == "flwr[simulation]==1.42.0"
+            # dp: Flower's privacy accountant (dp-accounting), which --dp-noise reports epsilon with
+            assert requirement == f"flwr[simulation,dp]=={lock['flwr']}" == "flwr[simulation,dp]==1.42.0"
+            assert "dp-accounting" in lock
         else:
             assert "==" not in requirement, f"{requirement}: give a compatible range; the exact pin is in the lock"
