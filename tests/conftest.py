@@ -11,6 +11,8 @@ Fixtures (all function-scoped):
   generator's CT and MRI datasets, written once per session (per xdist worker) for each argument
   set and shared by every module that asks for it. Read only: a test that damages a file copies
   the datasets into its own ``tmp_path`` first (:func:`copy_sites`).
+- ``server_task_identity``: the task identity Flower's ServerApp runtime sets, for tests that build
+  the server's messages (with ``server_side.FakeGrid``).
 - ``FEDGIN_CACHE_DIR`` points at a fresh temporary folder in every test (autouse), so no test reads
   or writes ``~/.cache/fedgin``.
 - torch's process-wide state (thread count, deterministic algorithms), which ``--threads``, the
@@ -180,6 +182,18 @@ def phantom_datasets(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
 def copy_sites(sites: Iterable[Path], dest: Path) -> list[Path]:
     """Copies of shared phantom datasets under ``dest``, for a test that changes their files."""
     return [Path(shutil.copytree(site, dest / site.name)) for site in sites]
+
+
+@pytest.fixture
+def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower 1.42 stamps instruction messages with the identity of the process's task, which the
+    ServerApp runtime sets; tests that build the server's messages set it the same way."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
 @pytest.fixture(autouse=True)

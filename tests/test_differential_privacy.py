@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedgin.config import SiteSpec, resolve
 from fedgin.engine.checkpoint import load_raw
@@ -26,25 +24,12 @@ from fedgin.federated.privacy import ClientSideDP, ServerSideDP, clip_when_asked
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.strategy import check_options, make_strategy
 from fedgin.federated.task import run_config_to_json
+from server_side import FakeGrid
+
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 SIZE = 40_000  # weights per model: enough for the noise's spread to be measured to ~1%
 METRICS = {"loss": 1.0, "seconds": 1.0, "modality": 0, "lr": 1e-3}
-
-
-@pytest.fixture(autouse=True)
-def _server_task_identity(monkeypatch):
-    """Flower stamps instructions with the process's task identity, which the ServerApp runtime sets."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return self.node_ids
 
 
 def _config(tmp_path: Path, num_sites: int = 2, **options):

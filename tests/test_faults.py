@@ -34,7 +34,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-from flwr.supercore.task_identity import TaskIdentity
 
 from conftest import copy_sites
 from fedgin.cli import main
@@ -48,6 +47,7 @@ from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.strategy import make_strategy
 from fedgin.federated.task import run_config_to_json
 from loopback import Loopback, alive, crash, metrics_lines, stop, tiny_config, wait
+from server_side import FakeGrid
 
 SCHEME = get_scheme("abdomen5")
 MODALITIES = {"ct": "CT", "mri": "MRI"}
@@ -146,18 +146,7 @@ def train_case(dataset: Path) -> tuple[str, Path]:
     case_id = split_for(data.name, [c.case_id for c in data.cases], 0).train[0]
     return case_id, Path(data.case(case_id).image)
 
-
 # --- 0. what the server logs about a site it lost (the strategy alone) -----------------------------
-
-class FakeGrid:
-    """The part of Flower's Grid a strategy's ``configure_train`` uses: the connected node ids."""
-
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return self.node_ids
-
 
 def _sent(strategy, server_round: int, reference: dict, node_ids: list[int]) -> list[Message]:
     """The round's train instructions in ``node_ids`` order, given message ids as the Grid does
@@ -179,13 +168,10 @@ def _reply(instruction: Message, site_index: int, reference: dict) -> Message:
     return Message(content, reply_to=instruction)
 
 
-def test_the_server_log_names_each_site_it_lost_and_why(tmp_path, monkeypatch):
+def test_the_server_log_names_each_site_it_lost_and_why(tmp_path, server_task_identity):
     """A site's failure reply, the SuperLink's "node unavailable" for a dead SuperNode (sent from
     node 0), no reply by the round timeout, and a site not connected: each is a line naming the
     site that was left out of the round."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)  # as the ServerApp runtime sets it
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
     cfg = resolve("quick", command="test", out=str(tmp_path), sites=(SiteSpec("ct", "-"), SiteSpec("mri", "-")))
     lines: list[str] = []
     reference = {"w": np.zeros(3, np.float32)}

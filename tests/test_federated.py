@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedgin.config import RunConfig, SiteSpec, resolve
 from fedgin.data.labels import get_scheme
@@ -37,6 +35,9 @@ from loopback import BIN, REPO, TINY, Loopback, tiny_config
 from loopback import alive as _alive
 from loopback import stop as _stop
 from loopback import wait as _wait
+from server_side import FakeGrid
+
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 ORGANS = get_scheme("abdomen5").organs
 #: what a site may send besides the weights: numbers only (no case ids, paths or names)
@@ -51,25 +52,6 @@ def sites(phantom_datasets) -> dict[str, Path]:
     """A CT and an MRI phantom site of 4 cases each (2 training, 1 validation, 1 test)."""
     ct, mri = phantom_datasets(4, 4)
     return {"ct": ct, "mri": mri}
-
-
-@pytest.fixture(autouse=True)
-def _server_task_identity(monkeypatch):
-    """Flower 1.42 stamps instruction messages with the identity of the process's task, which
-    the ServerApp runtime sets; the tests build the server's messages, so they set it the same way."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-
-
-class FakeGrid:
-    """The part of Flower's Grid a strategy's ``configure_*`` uses: the connected node ids."""
-
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return self.node_ids
 
 
 def delivered(message: Message) -> Message:

@@ -16,35 +16,21 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedgin.config import SiteSpec, resolve
 from fedgin.engine.model import build_model
 from fedgin.federated.recorder import RoundRecorder
 from fedgin.federated.strategy import make_strategy, trim_fraction
 from fedgin.federated.task import evaluate_round, run_config_to_json, state_to_numpy, train_round
+from server_side import FakeGrid
+
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 ORGANS = ("liver", "kidneys", "spleen")
 ROUNDS = 6
 #: the learning test's overfitting recipe on a coarse 5 mm grid, so that six short rounds learn
 RECIPE = {"gin": False, "intensity_augment": False, "spatial_augment": False, "lr": 3e-3,
           "steps_per_epoch": 50, "batch_size": 6, "validate": False}
-
-
-@pytest.fixture(autouse=True)
-def _server_task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return self.node_ids
 
 
 def _config(tmp_path: Path, ct: Path, mri: Path):

@@ -17,14 +17,12 @@ robust strategies, which need each update.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -80,20 +78,8 @@ class MaskedMean(LegacyStrategy):
         return None
 
 
-def _connect(grid: Grid, manager: SimpleClientManager, run_id: int, wanted: int, timeout: float) -> None:
-    """Register a legacy proxy for every connected node, waiting up to ``timeout`` s for ``wanted``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for node_id in grid.get_node_ids():
-            if str(node_id) not in manager.all():
-                manager.register(GridClientProxy(node_id=node_id, grid=grid, run_id=run_id))
-        if len(manager.all()) >= wanted or time.monotonic() > deadline:
-            return
-        time.sleep(0.5)
-
-
 def run_secagg(grid: Grid, context: Context, cfg: RunConfig, strategy: FedginMixin, initial: dict[str, np.ndarray],
-               done: int, on_round_end, log=print) -> None:
+               done: int, on_round_end) -> None:
     """Rounds ``done + 1 .. cfg.rounds`` with SecAgg+ for training and fedgin's strategy for
     evaluation; ``on_round_end(relative round, ArrayRecord)`` writes each round."""
     keys = list(strategy.reference)
@@ -106,28 +92,36 @@ def run_secagg(grid: Grid, context: Context, cfg: RunConfig, strategy: FedginMix
     # simulation (config.json); in a deployment, from the first round's replies on
     known = [s.train_slices for s in cfg.sites]
     max_weight = max(known) if all(known) else FIRST_MAX_WEIGHT
-    for relative in range(1, cfg.rounds - done + 1):
-        absolute = relative + done
-        _connect(grid, manager, context.run_id, strategy.min_sites, cfg.round_timeout)
-        # every site holds a share of every other's key: with n sites all n are needed only if
-        # the threshold says so; 2 of 3, 2 of 2 (fewer than 2 sites cannot be aggregated securely)
-        workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.67, max_weight=max_weight,
-                                      clipping_range=CLIP_RANGE, timeout=cfg.round_timeout)
-        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: absolute})
-        legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-            ndarrays_to_parameters([arrays[k] for k in keys]), keep_input=True)
-        masked.results, masked.failures, masked.mean = [], [], None
-        workflow(grid, legacy)
-        replies = sorted((dict(fitres.metrics) for _, fitres in masked.results), key=lambda m: int(m["site-index"]))
-        failures = [f"{type(f).__name__}: {str(f)[:200]}" for f in masked.failures]
-        strategy.recorder.record_train(absolute, replies, failures)
-        if masked.mean is None or len(replies) < strategy.min_sites:
-            strategy.recorder.log(f"round {absolute}: secure aggregation did not complete ({len(replies)} site(s) "
-                                  "answered); the global model is kept unchanged")
-        else:
-            arrays = restore_dtypes(dict(zip(keys, masked.mean, strict=True)), strategy.reference)
-            max_weight = max(float(m["num-examples"]) for m in replies)
-        record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-        instructions = strategy.configure_evaluate(relative, record, ConfigRecord(), grid)
-        strategy.aggregate_evaluate(relative, grid.send_and_receive(instructions, timeout=cfg.round_timeout))
-        on_round_end(relative, record)
+    # Flower's own bookkeeping of connected nodes for legacy strategies (joins and losses)
+    updater, stop, ready = start_update_client_manager_thread(grid, manager)
+    ready.wait()
+    try:
+        for relative in range(1, cfg.rounds - done + 1):
+            absolute = relative + done
+            manager.wait_for(strategy.min_sites, timeout=int(cfg.round_timeout))
+            # every site holds a share of every other site's key; two thirds of the shares (at
+            # least 2) unmask a site that dropped out mid-round
+            workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.67, max_weight=max_weight,
+                                          clipping_range=CLIP_RANGE, timeout=cfg.round_timeout)
+            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: absolute})
+            legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+                ndarrays_to_parameters([arrays[k] for k in keys]), keep_input=True)
+            masked.results, masked.failures, masked.mean = [], [], None
+            workflow(grid, legacy)
+            replies = sorted((dict(fitres.metrics) for _, fitres in masked.results),
+                             key=lambda m: int(m["site-index"]))
+            failures = [f"{type(f).__name__}: {str(f)[:200]}" for f in masked.failures]
+            strategy.recorder.record_train(absolute, replies, failures)
+            if masked.mean is None or len(replies) < strategy.min_sites:
+                strategy.recorder.log(f"round {absolute}: secure aggregation did not complete ({len(replies)} "
+                                      "site(s) answered); the global model is kept unchanged")
+            else:
+                arrays = restore_dtypes(dict(zip(keys, masked.mean, strict=True)), strategy.reference)
+                max_weight = max(float(m["num-examples"]) for m in replies)
+            record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+            instructions = strategy.configure_evaluate(relative, record, ConfigRecord(), grid)
+            strategy.aggregate_evaluate(relative, grid.send_and_receive(instructions, timeout=cfg.round_timeout))
+            on_round_end(relative, record)
+    finally:
+        stop.set()
+        updater.join()

@@ -122,7 +122,7 @@ def run_server(grid: Grid, cfg: RunConfig, log=print, context: Context | None = 
         return None
 
     if cfg.secagg:
-        run_secagg(grid, context, cfg, strategy, initial, done, on_round_end, log=log)
+        run_secagg(grid, context, cfg, strategy, initial, done, on_round_end)
         return
     strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
                    num_rounds=cfg.rounds - done, timeout=cfg.round_timeout,
