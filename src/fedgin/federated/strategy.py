@@ -22,13 +22,12 @@ from .task import nan_weighted_mean, restore_dtypes
 UNIT_WEIGHT = "fedgin-unit-weight"
 
 
-#: where differential privacy clips the sites' updates, and the strategies it can wrap: a mean of
-#: equally weighted sites, whose sensitivity to one site is clip / sites (FedAdam's server step and
-#: the robust aggregators would need another calibration)
+#: the strategies whose server step is a plain mean of the updates: what SecAgg+ unmasks
+#: (fedgin.federated.secagg), and what DP's noise is calibrated to (with equal site weights, one
+#: site moves it by at most clip / sites; FedAdam's server step and the robust aggregators differ)
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedbn")
+#: where differential privacy clips the sites' updates
 DP_MODES = ("server", "client")
-DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
-#: the strategies whose server step is the weighted mean SecAgg+ unmasks (fedgin.federated.secagg)
-SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedbn")
 
 
 def check_options(cfg) -> None:
@@ -42,8 +41,8 @@ def check_options(cfg) -> None:
     if cfg.trim_beta is not None and not 0.0 <= cfg.trim_beta < 0.5:
         raise FedginError(f"trim-beta must be in [0, 0.5), got {cfg.trim_beta}")
     if cfg.secagg:
-        if cfg.strategy not in SECAGG_STRATEGIES:
-            raise FedginError(f"--secagg works with --strategy {', '.join(SECAGG_STRATEGIES)} (SecAgg+ unmasks "
+        if cfg.strategy not in MEAN_STRATEGIES:
+            raise FedginError(f"--secagg works with --strategy {', '.join(MEAN_STRATEGIES)} (SecAgg+ unmasks "
                               f"only a weighted mean), not {cfg.strategy}")
         if cfg.dp_clip is not None:
             raise FedginError("--secagg with --dp-clip is not supported: Flower 1.42's SecAgg+ runs on its legacy "
@@ -60,8 +59,8 @@ def check_options(cfg) -> None:
         raise FedginError(f"--dp-mode must be one of {', '.join(DP_MODES)}, got {cfg.dp_mode!r}")
     if not 0.0 < cfg.dp_delta < 1.0:
         raise FedginError(f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
-    if cfg.strategy not in DP_STRATEGIES:
-        raise FedginError(f"differential privacy works with --strategy {', '.join(DP_STRATEGIES)} "
+    if cfg.strategy not in MEAN_STRATEGIES:
+        raise FedginError(f"differential privacy works with --strategy {', '.join(MEAN_STRATEGIES)} "
                           f"(its noise is calibrated to a plain mean), not {cfg.strategy}")
     if cfg.min_sites is not None and cfg.min_sites < n:
         raise FedginError(f"differential privacy needs every site in every round: --min-sites {cfg.min_sites} "
