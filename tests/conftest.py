@@ -13,6 +13,9 @@ Fixtures (all function-scoped):
   the datasets into its own ``tmp_path`` first (:func:`copy_sites`).
 - ``server_task_identity``: the task identity Flower's ServerApp runtime sets, for tests that build
   the server's messages (with ``server_side.FakeGrid``).
+- ``FEDGIN_COMPILE=0`` for the whole session and every process it starts: hundreds of short runs
+  in many shapes would each pay a compilation. ``tests/test_compile.py`` turns it back on
+  (``compiled_training``: inductor's cache in one folder shared by the session's workers).
 - ``FEDGIN_CACHE_DIR`` points at a fresh temporary folder in every test (autouse), so no test reads
   or writes ``~/.cache/fedgin``.
 - torch's process-wide state (thread count, deterministic algorithms), which ``--threads``, the
@@ -33,7 +36,10 @@ import pytest
 import torch
 
 from fedgin.data.nifti import write_volume
+from fedgin.engine.compiled import COMPILE_ENV, INDUCTOR_CACHE_ENV
 from fedgin.synthetic import PHANTOM_LABELS, write_phantom_datasets
+
+os.environ[COMPILE_ENV] = "0"  # see the module docstring; set before any test or child process starts
 
 #: The label map of the shared bundle and of most fixtures (the phantoms use the same table).
 ABDOMEN_LABELS: dict[str, int] = dict(PHANTOM_LABELS)
@@ -202,6 +208,19 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     cache = tmp_path_factory.mktemp("fedgin-cache")
     monkeypatch.setenv("FEDGIN_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture
+def compiled_training(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Compilation back on (``FEDGIN_COMPILE=1``) with inductor's cache in one folder for the whole
+    session, shared by its xdist workers (the parent of their base temp folders), so a graph is
+    compiled once per session; returns that folder."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "inductor-cache"
+    shared.mkdir(exist_ok=True)
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(shared))
+    return shared
 
 
 def pytest_configure(config: pytest.Config) -> None:

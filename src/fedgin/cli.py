@@ -98,6 +98,9 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=POSITIVE_FLOAT)
     p.add_argument("--steps-per-epoch", type=POSITIVE_INT, help="optimisation steps per epoch (default: preset)")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                   help="train eagerly: no torch.compile of the training step (default: compiled where a "
+                        "compiler is available; FEDGIN_COMPILE=0 also turns it off)")
     p.add_argument("--split", help="split file (JSON) naming train/val/test cases per dataset")
     p.add_argument("--cache-dir", help="preprocessing cache (default $FEDGIN_CACHE_DIR or ~/.cache/fedgin)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -255,6 +258,7 @@ def _train_overrides(args) -> dict:
         "lr": args.lr,
         "steps_per_epoch": args.steps_per_epoch,
         "num_threads": args.threads,
+        "compile": args.compile,
         "epochs": getattr(args, "epochs", None),
         "local_epochs": None,
     }

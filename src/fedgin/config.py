@@ -60,7 +60,9 @@ class TrainConfig:
     ``constant``. ``intensity_augment``: the standard brightness/contrast/noise/gamma augmentation
     every method gets (GIN comes on top). ``gin_views`` GIN views of each slice per step,
     ``clean_view`` one more view without GIN, ``consistency`` the weight of the KL between the
-    views' predictions (Ouyang et al.); a step always takes ``batch_size`` images.
+    views' predictions (Ouyang et al.); a step always takes ``batch_size`` images. ``compile``:
+    the training step through ``torch.compile`` where a compiler is available
+    (:mod:`fedgin.engine.compiled`; ``FEDGIN_COMPILE=0`` turns it off for the process).
     """
 
     epochs: int = 20
@@ -82,6 +84,7 @@ class TrainConfig:
     spatial_augment: bool = True
     proximal_mu: float = 0.0
     amp: bool = True
+    compile: bool = True
     num_threads: int | None = None
     validate: bool = True
 

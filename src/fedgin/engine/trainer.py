@@ -19,6 +19,7 @@ from ..augment import GIN, IPA, RandomIntensity
 from ..config import TrainConfig
 from ..data.labels import LabelScheme
 from ..data.sites import CaseData
+from .compiled import training_step_function
 from .inference import predict_preprocessed_labels, tile_of
 from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd
@@ -77,6 +78,19 @@ def random_affine(images: torch.Tensor, labels: torch.Tensor, generator: torch.G
     return images, labels
 
 
+def forward_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 annotated: torch.Tensor, views: int, consistency: float, amp: bool) -> torch.Tensor:
+    """The step's forward pass and loss (what :mod:`fedgin.engine.compiled` compiles): logits of
+    ``images`` (float16 autocast when ``amp``), the partial-label loss, plus ``consistency`` times the
+    views' KL when there are ``views >= 2`` views."""
+    with torch.autocast(device_type=images.device.type, dtype=torch.float16, enabled=amp):
+        logits = model(images)
+    loss = loss_fn(logits.float(), labels, annotated)
+    if views > 1 and consistency > 0:
+        loss = loss + consistency * view_consistency(logits, views)
+    return loss
+
+
 def poly_lr(base_lr: float, step: int, total_steps: int, exponent: float = 0.9) -> float:
     """nnU-Net's poly schedule: ``base_lr * (1 - step / total_steps) ** exponent`` for the 0-based
     ``step`` of a run of ``total_steps``; the last step runs at ``base_lr * (1 / total) ** exponent``."""
@@ -120,6 +134,7 @@ class Trainer:
         self.views = (max(1, cfg.gin_views) + int(cfg.clean_view)) if self.use_gin else 1
         self.slices_per_step = max(1, round(cfg.batch_size / self.views))
         self.last_lr = cfg.lr
+        self.forward_loss = training_step_function(forward_loss, cfg.compile, device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
 
@@ -203,11 +218,8 @@ class Trainer:
         if self.views > 1:
             labels, annotated = labels.repeat(self.views, 1, 1, 1), annotated.repeat(self.views, 1)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-            logits = self.model(images)
-        loss = self.loss_fn(logits.float(), labels, annotated)
-        if self.views > 1 and self.cfg.consistency > 0:
-            loss = loss + self.cfg.consistency * view_consistency(logits, self.views)
+        loss = self.forward_loss(self.model, self.loss_fn, images, labels, annotated, self.views,
+                                 self.cfg.consistency, self.amp)
         if global_params is not None and self.cfg.proximal_mu > 0:
             prox = sum(((p - g) ** 2).sum() for p, g in zip(self.model.parameters(), global_params))
             loss = loss + 0.5 * self.cfg.proximal_mu * prox

@@ -36,7 +36,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 #: optional run-config keys -> the TrainConfig field and type they set
 RECIPE_KEYS = {"gin-views": ("gin_views", int), "clean-view": ("clean_view", bool),
                "consistency": ("consistency", float), "ipa": ("ipa", bool), "gin-p": ("gin_p", float),
-               "lr-schedule": ("lr_schedule", str)}
+               "lr-schedule": ("lr_schedule", str), "compile": ("compile", bool)}
 #: optional run-config keys -> the RunConfig field and type they set
 FEDERATION_KEYS = {"dp-clip": ("dp_clip", float), "dp-noise": ("dp_noise", float), "dp-mode": ("dp_mode", str),
                    "dp-delta": ("dp_delta", float), "trim-beta": ("trim_beta", float), "secagg": ("secagg", bool)}
