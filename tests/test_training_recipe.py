@@ -92,6 +92,24 @@ def test_federated_rounds_follow_one_schedule_and_carry_the_optimiser(sites, tmp
     assert metrics["lr"] == pytest.approx(_last_step_lr(cfg.train, 3 * steps))
 
 
+def test_a_federated_round_scores_its_validation_cases_once_after_its_last_epoch(phantom_datasets, tmp_path,
+                                                                                monkeypatch):
+    ct, _ = phantom_datasets(4, 4)  # 3 cases leave none for validation
+    cfg = tiny_config(tmp_path / "run", {"ct": ct}, rounds=2)
+    cfg = replace(cfg, local_epochs=3, train=replace(cfg.train, validate=True))
+    calls = []
+    real = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate", lambda self, cases: calls.append(len(cases)) or real(self, cases))
+    _, metrics, _ = train_round(cfg, cfg.sites[0], 0, _global(cfg), 1)
+    assert len(calls) == 1 and calls[0] > 0
+    assert not np.isnan(metrics["dice-liver"])
+    # local and centralized training still score every epoch (their metrics lines and checkpoints)
+    trainer = Trainer(build_model(cfg.model), cfg.train, SCHEME, torch.device("cpu"))
+    data = load_sites(cfg)[0]
+    results = trainer.fit(data.train, 3, val_cases=data.val)
+    assert len(calls) == 4 and all(r.dice for r in results)
+
+
 def _train_message(cfg, arrays: dict[str, np.ndarray], server_round: int) -> Message:
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),

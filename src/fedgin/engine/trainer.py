@@ -167,9 +167,12 @@ class Trainer:
 
     def fit(self, cases: list[CaseData], epochs: int = 1, *, start_epoch: int = 0,
             val_cases: list[CaseData] | None = None, global_params: list[torch.Tensor] | None = None,
-            desc: str = "train", on_epoch=None) -> list[EpochResult]:
+            desc: str = "train", on_epoch=None, validate_each_epoch: bool = True) -> list[EpochResult]:
         """Train ``epochs`` epochs on ``cases`` from the absolute epoch ``start_epoch``; returns one
         :class:`EpochResult` per epoch.
+
+        ``val_cases`` are scored after every epoch, or only after the last one with
+        ``validate_each_epoch=False`` (a federated round reports only its last epoch's scores).
 
         ``global_params`` (FedProx) adds ``proximal_mu / 2 * ||w - w_global||^2`` to the loss.
         ``on_epoch(result)`` is called after each epoch (metrics lines, checkpoints).
@@ -195,7 +198,9 @@ class Trainer:
                 loss = self.step(images, labels, annotated, gen, global_params)
                 total += loss
                 bar.set_postfix(loss=f"{loss:.3f}")
-            dice = self.validate(val_cases) if (val_cases and self.cfg.validate) else {}
+            last = epoch == start_epoch + epochs - 1
+            wanted = val_cases and self.cfg.validate and (validate_each_epoch or last)
+            dice = self.validate(val_cases) if wanted else {}
             result = EpochResult(epoch=epoch + 1, loss=total / steps, dice=dice,
                                  seconds=time.perf_counter() - start,
                                  num_slices=steps * self.slices_per_step, steps=steps,

@@ -144,7 +144,7 @@ def train_round(
         trainer.load_optimizer_state(optimizer_state)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     results = trainer.fit(data.train, cfg.local_epochs, start_epoch=(server_round - 1) * cfg.local_epochs,
-                          val_cases=data.val,
+                          val_cases=data.val, validate_each_epoch=False,
                           global_params=global_params, desc=f"{site.name} round {server_round}")
     last = results[-1]
     metrics: dict[str, float] = {
