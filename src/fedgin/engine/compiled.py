@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class CompiledOrEager:
         self.fn, self.what, self._wanted = fn, what, compiled
         if compiled and fn not in self._compiled:
             os.environ.setdefault(INDUCTOR_CACHE_ENV, str(compile_cache_dir()))
+            # a module inductor imports on the first call still uses a deprecated torch.jit API
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
+                                    category=DeprecationWarning)
             self._compiled[fn] = torch.compile(fn, dynamic=False)
 
     @property
