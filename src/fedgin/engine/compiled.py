@@ -2,7 +2,8 @@
 
 The trainer's forward pass and loss (the U-Net, the partial-label Dice + CE, the views'
 consistency) run as one compiled graph; the backward pass is compiled with it (AOTAutograd). On
-2 CPU cores that trains about 1.7x faster than eager PyTorch (``docs/results/train_throughput.json``).
+2 CPU cores the trainer runs 1.47x as many slices per second as eagerly
+(``docs/results/train_throughput.json``).
 
 - **When.** On by default (``TrainConfig.compile``); off with ``--no-compile``, ``"compile": false``
   in a config, or ``FEDGIN_COMPILE=0`` in the environment (the test suite sets it: hundreds of
