@@ -83,7 +83,7 @@ def test_compiled_gradients_match_eager(site, compiled_training):
         model.zero_grad(set_to_none=True)
         loss = step(model, trainer.loss_fn, x, y, annotated, 1, 0.0, False)
         loss.backward()
-        grads.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+        grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
     assert trainer.forward_loss.compiled
     (eager_loss, eager_grads), (loss, grads) = grads
     assert loss == pytest.approx(eager_loss, rel=1e-5)
