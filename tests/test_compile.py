@@ -133,11 +133,11 @@ def test_without_a_cpp_compiler_training_is_eager_with_one_log_line(monkeypatch,
     monkeypatch.setattr(compiled, "_SAID", set())
     with caplog.at_level(logging.WARNING, logger="fedgin.compile"):
         for _ in range(2):
-            step = compiled.training_step_function(forward_loss, True, torch.device("cpu"))
+            step = compiled.compiled_or_eager(forward_loss, True, torch.device("cpu"))
             assert not step.compiled
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["fedgin: no C++ compiler for torch.compile on the CPU (Failed to find C++ compiler); "
-                     "training eagerly"]
+                     "running the training step eagerly"]
 
 
 @pytest.mark.parametrize("value", ["0", "false", "OFF"])
@@ -145,9 +145,9 @@ def test_the_environment_and_the_config_turn_compilation_off_silently(monkeypatc
     monkeypatch.setenv(compiled.COMPILE_ENV, value)
     monkeypatch.setattr(compiled, "_SAID", set())
     with caplog.at_level(logging.WARNING, logger="fedgin.compile"):
-        assert not compiled.training_step_function(forward_loss, True, torch.device("cpu")).compiled
+        assert not compiled.compiled_or_eager(forward_loss, True, torch.device("cpu")).compiled
         monkeypatch.setenv(compiled.COMPILE_ENV, "1")
-        assert not compiled.training_step_function(forward_loss, False, torch.device("cpu")).compiled
+        assert not compiled.compiled_or_eager(forward_loss, False, torch.device("cpu")).compiled
     assert compiled.why_eager(True, torch.device("cpu")) is None
     assert caplog.records == []
 
@@ -207,3 +207,32 @@ def test_a_second_process_loads_the_compiled_step_from_the_disk_cache(phantom_da
     assert all(r["compiled"] for r in runs)
     assert runs[0]["loss"] == runs[1]["loss"]  # the cached code computes what the fresh one did
     assert runs[1]["first_step_s"] < min(10.0, runs[0]["first_step_s"] / 3), runs
+
+
+def test_compiled_prediction_gives_the_same_labels_on_a_phantom(site, compiled_training):
+    """Opt-in compiled inference (``predict/evaluate --compile``): the same labels as eager on every
+    voxel of a phantom volume, the last, shorter batch padded to the compiled batch size."""
+    from fedgin.engine.inference import iter_probs, tile_of
+
+    _, _, trainer = train(site, compile=False)
+    case = site[1].train[0]
+    cpu = torch.device("cpu")
+
+    def labels(compile: bool) -> tuple[np.ndarray, np.ndarray]:
+        probs = torch.cat([p for _, p in iter_probs(trainer.model, case.image, cpu, batch_size=16,
+                                                    tile=tile_of(case), compile=compile)], dim=1)
+        return probs.argmax(0).numpy(), probs.numpy()
+
+    assert len(case.image) % 16 != 0  # a padded last batch
+    eager, eager_probs = labels(False)
+    compiled_labels, probs = labels(True)
+    np.testing.assert_allclose(probs, eager_probs, atol=1e-4)
+    assert np.array_equal(compiled_labels, eager)
+    assert len(np.unique(eager)) > 1
+
+
+def test_predict_and_evaluate_take_compile():
+    parser = build_parser()
+    assert parser.parse_args(["predict", "-i", "x", "-o", "y", "--model", "m", "--compile"]).compile is True
+    assert parser.parse_args(["predict", "-i", "x", "-o", "y", "--model", "m"]).compile is False
+    assert parser.parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o", "--compile"]).compile is True

@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", choices=["abdomen5", "abdomen6"],
                    help="--pred: the label scheme to score in (default: the predicting model's, else abdomen5)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (pays only over thousands of slices on a CPU)")
     p.add_argument("--cache-dir")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help=NO_POSTPROCESS_HELP)
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also {case}.npz: 'probabilities' (softmax, C x X x Y x Z float16 on the input's "
                         "voxel grid, before post-processing) and 'labels' (the class names in order)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (pays only over thousands of slices on a CPU)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help=NO_POSTPROCESS_HELP)
     return parser
@@ -354,7 +358,7 @@ def cmd_evaluate(args) -> int:
             raise FedginError("--scheme goes with --pred; a model scores in its own label scheme")
         summary = evaluate(args.model, datasets, args.out, cases=args.cases or "test", seed=args.seed,
                            split_file=args.split, device=args.device, cache_dir=args.cache_dir,
-                           postprocess=args.postprocess, label_map=label_map)
+                           postprocess=args.postprocess, label_map=label_map, compile=args.compile)
     for line in mean_dice_lines(summary):
         print(line)
     print(f"wrote {args.out}/summary.json, metrics.csv, summary.md")
@@ -366,7 +370,7 @@ def cmd_predict(args) -> int:
 
     written = predict(args.input, args.output, args.model, modality=args.modality, masks=args.masks,
                       device=args.device, postprocess=args.postprocess, checkpoint=args.checkpoint,
-                      save_probabilities=args.save_probabilities)
+                      save_probabilities=args.save_probabilities, compile=args.compile)
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
 

@@ -14,10 +14,10 @@ consistency) run as one compiled graph; the backward pass is compiled with it (A
   result on disk (:func:`compile_cache_dir`), so a later process with the same model, batch and
   crop loads it in about 3 s, and a later federated round in the same process costs nothing.
   Shapes are static (``dynamic=False``): the training batch never changes within a run.
-- **Not compiled: inference.** ``predict``, ``evaluate`` and validation stay eager: compiled
-  inference of the quick U-Net ran 0.070 s per batch of 32 slices against 0.082 s eager, so even
-  with a warm cache (2.3 s to load) it pays only after ~190 batches, more than any volume or test
-  set here (``docs/results.md``, "Compiled training").
+- **Inference: opt-in** (``predict --compile``, ``evaluate --compile``); validation stays eager.
+  Compiled inference of the quick U-Net ran 0.070 s per batch of 32 slices against 0.082 s eager,
+  so even with a warm cache (2.3 s to load) it pays only after ~190 batches, more than any volume
+  or test set here (``docs/method.md``, Training). Batches are padded to one size.
 """
 
 from __future__ import annotations
@@ -127,10 +127,11 @@ class CompiledOrEager:
             return self.fn(*args, **kwargs)
 
 
-def training_step_function(fn: Callable, requested: bool, device: torch.device) -> CompiledOrEager:
+def compiled_or_eager(fn: Callable, requested: bool, device: torch.device,
+                      what: str = "the training step") -> CompiledOrEager:
     """``fn`` compiled when :func:`why_eager` finds nothing against it; otherwise eager, with the
     reason in one log line per process (none when compilation was turned off: that was asked for)."""
     reason = why_eager(requested, device)
     if reason is not None and requested and os.environ.get(COMPILE_ENV, "").strip().lower() not in _OFF:
-        _say_once(f"{reason}; training eagerly")
-    return CompiledOrEager(fn, compiled=reason is None)
+        _say_once(f"{reason}; running {what} eagerly")
+    return CompiledOrEager(fn, compiled=reason is None, what=what)

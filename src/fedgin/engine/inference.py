@@ -15,6 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..data.preprocess import Preprocessed, labels_and_probabilities_from_slices, labels_from_slices
+from .compiled import compiled_or_eager
 
 #: overlap of neighbouring tiles (MONAI's default; nnU-Net uses 0.5 at twice the cost on wide planes)
 TILE_OVERLAP = 0.25
@@ -31,22 +32,38 @@ def _softmax(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(model(x).float(), dim=1)
 
 
+def _padded(step, batch_size: int):
+    """``step(model, x)`` on ``x`` zero-padded to ``batch_size`` samples (one shape for the compiled
+    graph; instance norm is per sample, so padding changes no real sample's output)."""
+    def run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n < batch_size:
+            x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
+        return step(model, x)[:n]
+    return run
+
+
 def iter_probs(model: torch.nn.Module, image, device: torch.device, batch_size: int = 32,
-               tile: tuple[int, int] | None = None):
+               tile: tuple[int, int] | None = None, compile: bool = False):
     """``(first slice, C x d x H x W softmax probabilities)`` for each batch of slices of a
     preprocessed ``D x H x W`` volume (an array or an on-disk volume), on the CPU; a plane larger
-    than ``tile`` in tiles of it (module docstring), ``tile=None``: the whole plane at once."""
+    than ``tile`` in tiles of it (module docstring), ``tile=None``: the whole plane at once.
+    ``compile``: the network through ``torch.compile`` (opt-in: it pays only over thousands of
+    slices, see :mod:`fedgin.engine.compiled`), every batch padded to ``batch_size``."""
     was_training = model.training
     model.eval()
     amp = device.type == "cuda"
+    probs_of = _softmax
+    if compile:
+        probs_of = _padded(compiled_or_eager(_softmax, True, device, what="inference"), batch_size)
     try:
         for start in range(0, len(image), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(image[start:start + batch_size]))[:, None].to(device)
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 if tile is None or tuple(x.shape[-2:]) == tuple(tile):
-                    probs = _softmax(model, x)
+                    probs = probs_of(model, x)
                 else:
-                    probs = sliding_window_inference(x, tuple(tile), batch_size, lambda t: _softmax(model, t),
+                    probs = sliding_window_inference(x, tuple(tile), batch_size, lambda t: probs_of(model, t),
                                                      overlap=TILE_OVERLAP, mode="gaussian")
             yield start, probs.float().cpu().permute(1, 0, 2, 3)
     finally:
@@ -59,19 +76,21 @@ def predict_probs(model: torch.nn.Module, image, device: torch.device, batch_siz
     return torch.cat([p for _, p in iter_probs(model, image, device, batch_size, tile)], dim=1)
 
 
-def predict_labels(model: torch.nn.Module, pre: Preprocessed, device: torch.device) -> np.ndarray:
+def predict_labels(model: torch.nn.Module, pre: Preprocessed, device: torch.device, *,
+                   compile: bool = False) -> np.ndarray:
     """uint8 label map on the case's own input grid (same shape as the input file), computed batch
     of slices by batch (memory does not grow with the class count times the input's size)."""
-    return labels_from_slices(iter_probs(model, pre.image, device, tile=tile_of(pre)), pre.geometry)
+    return labels_from_slices(iter_probs(model, pre.image, device, tile=tile_of(pre), compile=compile),
+                              pre.geometry)
 
 
-def predict_labels_and_probabilities(model: torch.nn.Module, pre: Preprocessed,
-                                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict_labels_and_probabilities(model: torch.nn.Module, pre: Preprocessed, device: torch.device, *,
+                                     compile: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """:func:`predict_labels` plus the softmax probabilities on the input grid, ``C x X x Y x Z``
     float16 in the input file's voxel order (argmax = the labels), also batch by batch: memory
     grows by the float16 array only."""
-    return labels_and_probabilities_from_slices(iter_probs(model, pre.image, device, tile=tile_of(pre)),
-                                                pre.geometry)
+    return labels_and_probabilities_from_slices(iter_probs(model, pre.image, device, tile=tile_of(pre),
+                                                           compile=compile), pre.geometry)
 
 
 def predict_preprocessed_labels(model: torch.nn.Module, image, device: torch.device,

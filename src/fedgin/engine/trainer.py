@@ -19,7 +19,7 @@ from ..augment import GIN, IPA, RandomIntensity
 from ..config import TrainConfig
 from ..data.labels import LabelScheme
 from ..data.sites import CaseData
-from .compiled import training_step_function
+from .compiled import compiled_or_eager
 from .inference import predict_preprocessed_labels, tile_of
 from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd
@@ -134,7 +134,7 @@ class Trainer:
         self.views = (max(1, cfg.gin_views) + int(cfg.clean_view)) if self.use_gin else 1
         self.slices_per_step = max(1, round(cfg.batch_size / self.views))
         self.last_lr = cfg.lr
-        self.forward_loss = training_step_function(forward_loss, cfg.compile, device)
+        self.forward_loss = compiled_or_eager(forward_loss, cfg.compile, device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
 

@@ -108,10 +108,11 @@ def output_folder(out: str | Path) -> tuple[Path, bool]:
 
 def predict(inputs: str, out: str, model: str, *, modality: str | None = None, masks: bool = False,
             device: str = "auto", postprocess: bool = True, checkpoint: str | None = None,
-            save_probabilities: bool = False, log=print) -> list[Path]:
+            save_probabilities: bool = False, compile: bool = False, log=print) -> list[Path]:
     """Predict every NIfTI of ``inputs`` (a file or a folder) into the folder ``out`` with
     ``model`` (a checkpoint file, or a run dir's ``checkpoint``: ``last`` by default, ``round_N``
-    or ``epoch_N``); returns the files written (see the module docstring)."""
+    or ``epoch_N``); returns the files written (see the module docstring). ``compile``: the network
+    through ``torch.compile`` (pays only over thousands of slices; :mod:`fedgin.engine.compiled`)."""
     check_output_folder(out)
     ckpt = load_checkpoint(model, checkpoint=checkpoint)
     src = Path(inputs)
@@ -126,7 +127,8 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     dest, created = output_folder(out)
     # outputs are staged in a hidden folder and moved in only once every input has succeeded
     stage = Path(tempfile.mkdtemp(prefix=".fedgin-predict-", dir=dest))
-    options = {"masks": masks, "postprocess": postprocess, "save_probabilities": save_probabilities}
+    options = {"masks": masks, "postprocess": postprocess, "save_probabilities": save_probabilities,
+               "compile": compile}
     try:
         staged = _predict_all(files, stage, net, ckpt, mod, dev, options, log)
         arguments = {"input": inputs, "output": out, "model": str(model), "checkpoint": checkpoint,
@@ -158,11 +160,11 @@ def _predict_all(files, dest, net, ckpt, mod, dev, options, log) -> list[Path]:
         del image
         name = case_name(f)
         if options["save_probabilities"]:
-            labels, probabilities = predict_labels_and_probabilities(net, pre, dev)
+            labels, probabilities = predict_labels_and_probabilities(net, pre, dev, compile=options["compile"])
             written.append(write_probabilities(dest / f"{name}.npz", probabilities, classes))
             del probabilities
         else:
-            labels = predict_labels(net, pre, dev)
+            labels = predict_labels(net, pre, dev, compile=options["compile"])
         if options["postprocess"]:
             labels = ckpt.postprocess.apply(labels, ckpt.scheme)
         written.append(write_volume(dest / f"{name}.nii.gz", labels, affine, dtype=np.uint8,

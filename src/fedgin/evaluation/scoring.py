@@ -63,7 +63,8 @@ def merged_label_map(recorded: Mapping[str, str] | None, given: Mapping[str, str
 
 
 def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.device | None = None,
-                   cache_dir: Path | None = None, with_hd95: bool = True, postprocess: bool = True) -> list[dict]:
+                   cache_dir: Path | None = None, with_hd95: bool = True, postprocess: bool = True,
+                   compile: bool = False) -> list[dict]:
     """One record per case: id, dataset, modality, and ``{organ: {dice, hd95, missed, false_positive}}``; ``postprocess``
     applies the checkpoint's post-processing plan to each prediction."""
     device = device or resolve_device()
@@ -74,7 +75,7 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
         start = time.perf_counter()
         _, reference, affine = ref.read(ckpt.scheme)
         pre = load_case(ref, ckpt.scheme, ckpt.preprocess, cache_dir)
-        pred = predict_labels(model, pre, device)
+        pred = predict_labels(model, pre, device, compile=compile)
         if postprocess:
             pred = ckpt.postprocess.apply(pred, ckpt.scheme)
         scores = case_metrics(pred, reference, organs, ref.annotated, spacing_of(affine), with_hd95=with_hd95)
@@ -171,7 +172,7 @@ def write_evaluation(out: Path, records: list[dict], scheme: LabelScheme, args: 
 
 def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", seed: int | None = None,
              split_file: str | None = None, device: str = "auto", cache_dir: str | None = None,
-             postprocess: bool = True, label_map: Mapping[str, str] | None = None) -> dict:
+             postprocess: bool = True, label_map: Mapping[str, str] | None = None, compile: bool = False) -> dict:
     """Score a model; the split (seed and split file) defaults to the one the model was trained with,
     so a model is never scored on its own training cases by accident. ``postprocess`` False scores
     the raw predictions (the checkpoint's post-processing plan is not applied). The label map is the
@@ -187,7 +188,8 @@ def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", 
     check_label_map_names(label_map, opened)
     refs = cases_to_score(opened, cases=cases, seed=seed, split_file=split_file)
     records = evaluate_cases(ckpt, refs, device=resolve_device(device),
-                             cache_dir=Path(cache_dir) if cache_dir else None, postprocess=postprocess)
+                             cache_dir=Path(cache_dir) if cache_dir else None, postprocess=postprocess,
+                             compile=compile)
     args = {"model": model, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
             "label_map": effective, "postprocess": postprocess,
             "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
