@@ -223,7 +223,7 @@ def test_predict_applies_the_checkpoints_plan_unless_told_not_to(capsys, tmp_pat
     model = _checkpoint(tmp_path / "model.pt", PostprocessPlan({"liver": 1}))
     raw = organ_map(speck=ABDOMEN5.label_ids["liver"])
     # the network's output on the input grid, with a far liver speck
-    monkeypatch.setattr(fedgin.evaluation.prediction, "predict_labels", lambda net, pre, device: raw.copy())
+    monkeypatch.setattr(fedgin.evaluation.prediction, "predict_labels", lambda net, pre, device, compile=False: raw.copy())
 
     rc, _, err = cli(capsys, "predict", "-i", src, "-o", tmp_path / "pp", "--model", model, "--masks")
     assert rc == 0, err
@@ -246,7 +246,7 @@ def test_evaluate_scores_the_postprocessed_prediction(capsys, tmp_path, make_nnu
     dataset = make_nnunet("Dataset022_CT", cases=("case_000",))
     model = _checkpoint(tmp_path / "model.pt", PostprocessPlan({"liver": 1}))
 
-    def reference_with_speck(net, pre, device):  # the prediction: the reference plus a far liver blob
+    def reference_with_speck(net, pre, device, compile=False):  # the prediction: the reference plus a far liver blob
         ref, scheme = pre
         labels = ref.read(scheme)[1].copy()
         labels[22:24, 0:4, 0:3] = scheme.label_ids["liver"]  # 24 voxels: beyond HD95's 5% of the surface
