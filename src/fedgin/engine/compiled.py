@@ -15,9 +15,9 @@ consistency) run as one compiled graph; the backward pass is compiled with it (A
   crop loads it in about 3 s, and a later federated round in the same process costs nothing.
   Shapes are static (``dynamic=False``): the training batch never changes within a run.
 - **Inference: opt-in** (``predict --compile``, ``evaluate --compile``); validation stays eager.
-  Compiled inference of the quick U-Net ran 0.070 s per batch of 32 slices against 0.082 s eager,
-  so even with a warm cache (2.3 s to load) it pays only after ~190 batches, more than any volume
-  or test set here (``docs/method.md``, Training). Batches are padded to one size.
+  Compiled inference of the quick U-Net ran 0.068 s per batch of 32 slices against 0.067 s eager
+  and costs 2.2 s to load from a warm cache (``docs/results/compile_inference.json``): on a CPU it
+  does not pay for a volume or a test set. Batches are padded to one size.
 """
 
 from __future__ import annotations
@@ -51,12 +51,15 @@ def compile_cache_dir() -> Path:
     return Path(env) if env else default_cache_dir() / "compile"
 
 
+def _turned_off(requested: bool) -> bool:
+    """Compilation was turned off by the user: not requested, or ``FEDGIN_COMPILE=0``."""
+    return not requested or os.environ.get(COMPILE_ENV, "").strip().lower() in _OFF
+
+
 def why_eager(requested: bool, device: torch.device) -> str | None:
-    """Why the training step will run eagerly, or None when it will be compiled."""
-    if not requested:
-        return "compilation is off in the run's config (--no-compile)"
-    if os.environ.get(COMPILE_ENV, "").strip().lower() in _OFF:
-        return f"{COMPILE_ENV}={os.environ[COMPILE_ENV]}"
+    """Why the step will run eagerly, or None when it will be compiled."""
+    if _turned_off(requested):
+        return "compilation is turned off (--no-compile or FEDGIN_COMPILE=0)"
     if not torch._dynamo.is_dynamo_supported():
         return f"torch.compile does not support Python {sys.version.split()[0]}"
     if device.type == "cpu":
@@ -132,6 +135,6 @@ def compiled_or_eager(fn: Callable, requested: bool, device: torch.device,
     """``fn`` compiled when :func:`why_eager` finds nothing against it; otherwise eager, with the
     reason in one log line per process (none when compilation was turned off: that was asked for)."""
     reason = why_eager(requested, device)
-    if reason is not None and requested and os.environ.get(COMPILE_ENV, "").strip().lower() not in _OFF:
+    if reason is not None and not _turned_off(requested):
         _say_once(f"{reason}; running {what} eagerly")
     return CompiledOrEager(fn, compiled=reason is None, what=what)

@@ -112,7 +112,7 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     """Predict every NIfTI of ``inputs`` (a file or a folder) into the folder ``out`` with
     ``model`` (a checkpoint file, or a run dir's ``checkpoint``: ``last`` by default, ``round_N``
     or ``epoch_N``); returns the files written (see the module docstring). ``compile``: the network
-    through ``torch.compile`` (pays only over thousands of slices; :mod:`fedgin.engine.compiled`)."""
+    through ``torch.compile`` (on a CPU it measured no faster; :mod:`fedgin.engine.compiled`)."""
     check_output_folder(out)
     ckpt = load_checkpoint(model, checkpoint=checkpoint)
     src = Path(inputs)
