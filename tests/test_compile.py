@@ -14,14 +14,13 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import fedgin.engine.compiled as compiled
-from fedgin.cli import _train_overrides, build_parser, main
+from fedgin.cli import _train_overrides, build_parser
 from fedgin.config import TrainConfig, resolve
 from fedgin.data.labels import get_scheme
 from fedgin.data.sites import load_site
@@ -72,11 +71,11 @@ def test_compiled_gradients_match_eager(site, compiled_training):
     model = build_model(cfg.model)
     trainer = Trainer(model, CFG, scheme, torch.device("cpu"))
     eager = compiled.CompiledOrEager(forward_loss, compiled=False)
-    x = torch.from_numpy(np.stack([data.train[0].image[i] for i in range(8)]))[:, None]
-    h, w = x.shape[-2:]
-    x = x[..., (h - 128) // 2:(h - 128) // 2 + 128, (w - 128) // 2:(w - 128) // 2 + 128].contiguous()
-    y = torch.from_numpy(np.stack([data.train[0].label[i] for i in range(8)]).astype(np.int64))[:, None]
-    y = y[..., (h - 128) // 2:(h - 128) // 2 + 128, (w - 128) // 2:(w - 128) // 2 + 128].contiguous()
+    case = data.train[0]
+    h, w = case.image.shape[1:]
+    centre = (slice((h - 128) // 2, (h - 128) // 2 + 128), slice((w - 128) // 2, (w - 128) // 2 + 128))
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(case.image[0:8])[:, centre[0], centre[1]]))[:, None]
+    y = torch.from_numpy(np.asarray(case.label[0:8])[:, centre[0], centre[1]].astype(np.int64))[:, None]
     annotated = torch.ones(8, scheme.num_classes, dtype=torch.bool)
     grads = []
     for step in (eager, trainer.forward_loss):
