@@ -306,7 +306,7 @@ def test_evaluate_scores_a_perfect_prediction_as_dice_1_and_hd95_0(capsys, tmp_p
                     scheme=scheme, preprocess=PreprocessConfig(), sites=[], meta={"epoch": 0})
 
     # evaluate reads the reference, preprocesses and predicts; the prediction becomes the reference
-    monkeypatch.setattr(fedgin.evaluation.scoring, "load_case", lambda ref, scheme, cfg, cache_dir: (ref, scheme))
+    monkeypatch.setattr(fedgin.evaluation.scoring, "load_case", lambda ref, scheme, cfg, cache_dir, **_: (ref, scheme))
     monkeypatch.setattr(fedgin.evaluation.scoring, "predict_labels", lambda model, pre, device, compile=False: pre[0].read(pre[1])[1])
     out = tmp_path / "eval"
     rc, _, _ = cli(capsys, "evaluate", "--model", model, "--data", ct, mri, "--out", out, "--cases", "all")

@@ -252,7 +252,7 @@ def test_evaluate_scores_the_postprocessed_prediction(capsys, tmp_path, make_nnu
         labels[22:24, 0:4, 0:3] = scheme.label_ids["liver"]  # 24 voxels: beyond HD95's 5% of the surface
         return labels
 
-    monkeypatch.setattr(fedgin.evaluation.scoring, "load_case", lambda ref, scheme, cfg, cache_dir: (ref, scheme))
+    monkeypatch.setattr(fedgin.evaluation.scoring, "load_case", lambda ref, scheme, cfg, cache_dir, **_: (ref, scheme))
     monkeypatch.setattr(fedgin.evaluation.scoring, "predict_labels", reference_with_speck)
 
     rc, _, err = cli(capsys, "evaluate", "--model", model, "--data", dataset, "--out", tmp_path / "pp",

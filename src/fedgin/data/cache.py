@@ -27,6 +27,7 @@ from ..atomic import current_umask
 from .datasets import CaseRef
 from .labels import LabelScheme
 from .npy import DamagedArray, NpyVolume
+from .nifti import read_volume
 from .preprocess import Geometry, PreprocessConfig, Preprocessed, preprocess
 
 CACHE_FORMAT = 2
@@ -67,9 +68,11 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(case: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig) -> str:
-    files = [case.image] + ([case.label] if case.label else []) + [m for m, _ in case.masks]
+def cache_key(case: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig, *, image_only: bool = False) -> str:
+    files = [case.image] + ([] if image_only else ([case.label] if case.label else []) + [m for m, _ in case.masks])
     payload = {
+        # an image-only entry is what prediction sees: its plane is the body's, never widened by a label
+        **({"image_only": True} if image_only else {}),
         "format": CACHE_FORMAT,
         "code": code_version(),
         "files": [file_digest(Path(f)) for f in files],
@@ -95,20 +98,29 @@ def load_case(
     *,
     use_cache: bool = True,
     in_memory: bool = True,
+    image_only: bool = False,
 ) -> Preprocessed:
     """Read and preprocess ``case``, through the cache unless ``use_cache`` is False.
 
     From the cache, ``in_memory=False`` gives ``image`` and ``label`` as :class:`NpyVolume` (read
-    slice by slice from the entry) instead of arrays."""
-    if not use_cache:
+    slice by slice from the entry) instead of arrays. ``image_only``: the image alone, preprocessed
+    exactly as ``fedgin predict`` does (no label, so the plane is the body's box, never widened to
+    labelled voxels outside it); what validation and ``fedgin evaluate --model`` score."""
+    def compute() -> Preprocessed:
+        if image_only:
+            image, affine = read_volume(case.image, kind="image")
+            return preprocess(image, affine, case.modality, cfg)
         image, label, affine = case.read(scheme)
         return preprocess(image, affine, case.modality, cfg, label)
+
+    if not use_cache:
+        return compute()
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder = root / "preprocessed" / f"{case.case_id}-{cache_key(case, scheme, cfg)}"
+    kind = "-image" if image_only else ""
+    folder = root / "preprocessed" / f"{case.case_id}{kind}-{cache_key(case, scheme, cfg, image_only=image_only)}"
     entry = _open_entry(folder)
     if entry is None:
-        image, label, affine = case.read(scheme)
-        _write_entry(folder, preprocess(image, affine, case.modality, cfg, label))
+        _write_entry(folder, compute())
         entry = _open_entry(folder)
         if entry is None:
             raise OSError(f"{folder}: the cache entry just written cannot be read back")

@@ -45,13 +45,30 @@ class CaseData:
 
 
 @dataclass
+class ValidationCase:
+    """A validation case as a user's prediction sees it: ``image`` the image alone preprocessed
+    exactly as ``fedgin predict`` does (D x H x W, its plane the body's box, never widened to the
+    label) with its ``geometry`` back to the input grid, and ``reference`` the label on that input
+    grid (X x Y x Z uint8 scheme ids); ``annotated`` as :class:`CaseData`'s. Validation Dice and
+    the post-processing decision are computed on the input grid, as ``fedgin evaluate`` scores."""
+
+    case_id: str
+    modality: str
+    image: np.ndarray | NpyVolume
+    geometry: Geometry
+    reference: np.ndarray
+    annotated: np.ndarray
+    ref: CaseRef
+
+
+@dataclass
 class SiteData:
     name: str
     modality: str
     dataset: Dataset
     split: Split
     train: list[CaseData]
-    val: list[CaseData]
+    val: list[ValidationCase]
 
     @property
     def num_train_slices(self) -> int:
@@ -76,6 +93,18 @@ def load_case_data(ref: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig,
                     pre.geometry, ref, pre.organ_slices)
 
 
+def load_validation_case(ref: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig,
+                         cache_dir: Path | None) -> ValidationCase:
+    """``ref`` as :class:`ValidationCase`: its image preprocessed alone (through the cache, read a
+    slice at a time) and its label on the input grid."""
+    pre = load_case(ref, scheme, cfg, cache_dir, in_memory=False, image_only=True)
+    reference, _ = ref.read_label()
+    if reference is None:
+        raise DataError(ref.image, "validation cases need a label")
+    return ValidationCase(ref.case_id, ref.modality, pre.image, pre.geometry, reference,
+                          annotated_mask(ref, scheme), ref)
+
+
 def load_site(
     name: str,
     dataset_path: str,
@@ -98,7 +127,7 @@ def load_site(
     split = split_for(dataset.name, [c.case_id for c in dataset.cases], seed, split_file)
     ids = train_ids if train_ids is not None else list(split.train)
     train = [load_case_data(dataset.case(i), scheme, cfg, cache_dir) for i in ids]
-    val = [load_case_data(dataset.case(i), scheme, cfg, cache_dir) for i in split.val]
+    val = [load_validation_case(dataset.case(i), scheme, cfg, cache_dir) for i in split.val]
     if not train:
         raise DataError(dataset.root, f"site {name}: no training cases")
     return SiteData(name=name, modality=dataset.modality, dataset=dataset, split=split,

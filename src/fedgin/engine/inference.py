@@ -93,6 +93,17 @@ def predict_labels_and_probabilities(model: torch.nn.Module, pre: Preprocessed, 
                                                            compile=compile), pre.geometry)
 
 
+def case_prediction(model: torch.nn.Module, case, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``(prediction, reference)`` label maps of a validation case, on the grid it is scored on: a
+    :class:`fedgin.data.sites.ValidationCase` (it has a ``reference``) on its input grid, exactly
+    as ``fedgin predict`` writes it before post-processing; a preprocessed case (``image`` and
+    ``label`` in one plane, as tests build them) in that plane."""
+    reference = getattr(case, "reference", None)
+    if reference is not None:
+        return predict_labels(model, case, device), np.asarray(reference)
+    return predict_preprocessed_labels(model, case.image, device, tile=tile_of(case)), np.asarray(case.label)
+
+
 def predict_preprocessed_labels(model: torch.nn.Module, image, device: torch.device,
                                 tile: tuple[int, int] | None = None) -> np.ndarray:
     """Label map ``D x H x W`` in preprocessed space (validation during training)."""

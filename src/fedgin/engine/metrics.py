@@ -59,12 +59,41 @@ def case_metrics(
     return out
 
 
+#: a case "fails" an organ present in its reference when its Dice is below one of these ...
+FAILURE_DICE = (0.5, 0.7)
+#: ... or its HD95 is above this many mm (a missed organ, whose HD95 is undefined, counts too)
+FAILURE_HD95_MM = 50.0
+
+
+def _present(m: dict) -> bool:
+    """The organ is annotated and in the reference (missed, or scored and not a false positive)."""
+    return m.get("missed") is not None and (bool(m["missed"]) or (m["dice"] is not None and not m["false_positive"]))
+
+
 def outcome_counts(metrics: list[dict]) -> dict[str, int]:
     """How many of the per-case ``metrics`` of one organ are misses and false positives, out of how
-    many cases annotate it."""
+    many cases annotate it; and, of the cases whose reference holds the organ (``present``), how
+    many fail it: Dice below each of :data:`FAILURE_DICE` (``dice_below_0.5``), HD95 above
+    :data:`FAILURE_HD95_MM` or missed (``hd95_above_50mm``)."""
     scored = [m for m in metrics if m.get("missed") is not None]
-    return {"missed": sum(bool(m["missed"]) for m in scored),
-            "false_positives": sum(bool(m["false_positive"]) for m in scored), "annotated": len(scored)}
+    present = [m for m in scored if _present(m)]
+    out = {"missed": sum(bool(m["missed"]) for m in scored),
+           "false_positives": sum(bool(m["false_positive"]) for m in scored), "annotated": len(scored),
+           "present": len(present)}
+    for threshold in FAILURE_DICE:
+        out[f"dice_below_{threshold:g}"] = sum((m["dice"] or 0.0) < threshold for m in present)
+    out[f"hd95_above_{FAILURE_HD95_MM:g}mm"] = sum(bool(m["missed"]) or (m["hd95"] or 0.0) > FAILURE_HD95_MM
+                                                   for m in present)
+    return out
+
+
+def failure_keys() -> list[str]:
+    """The failure counts of :func:`outcome_counts`, in order."""
+    return [f"dice_below_{t:g}" for t in FAILURE_DICE] + [f"hd95_above_{FAILURE_HD95_MM:g}mm"]
+
+
+def share(count: int, of: int) -> float | None:
+    return count / of if of else None
 
 
 def mean_sd(values: list[float | None]) -> dict[str, float | int | None]:

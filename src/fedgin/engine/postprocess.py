@@ -20,7 +20,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,11 +27,8 @@ from scipy import ndimage
 
 from ..atomic import write_text
 from ..data.labels import LabelScheme
-from .inference import predict_preprocessed_labels, tile_of
+from .inference import case_prediction
 from .metrics import dice_score, mean_sd
-
-if TYPE_CHECKING:
-    from ..data.sites import CaseData
 
 #: Voxel connectivity of a component: 26 (faces, edges and corners) in 3D.
 CONNECTIVITY = 26
@@ -152,20 +148,21 @@ def decide_plan(scores_plain: Mapping[str, float | None], scores_pp: Mapping[str
     return PostprocessPlan(keep)
 
 
-def validation_scores(model: torch.nn.Module, cases: list[CaseData], scheme: LabelScheme,
+def validation_scores(model: torch.nn.Module, cases: list, scheme: LabelScheme,
                       device: torch.device) -> tuple[dict[str, float | None], dict[str, float | None]]:
-    """Mean per-case 3D Dice per organ on preprocessed validation cases (``D x H x W``), without
-    and with each organ's candidate post-processing: ``(plain, pp)``, None where no case annotates
-    the organ. ``plain`` is exactly what :meth:`fedgin.engine.trainer.Trainer.validate` reports."""
+    """Mean per-case 3D Dice per organ on validation cases, without and with each organ's
+    candidate post-processing: ``(plain, pp)``, None where no case annotates the organ. A site's
+    validation cases are predicted and post-processed on their input grid, as ``fedgin predict``
+    does (:func:`fedgin.engine.inference.case_prediction`), so the plan is decided where it is
+    applied. ``plain`` is exactly what :meth:`fedgin.engine.trainer.Trainer.validate` reports."""
     candidate = candidate_plan(scheme)
     plain: dict[str, list[float | None]] = {o: [] for o in scheme.organs}
     pp: dict[str, list[float | None]] = {o: [] for o in scheme.organs}
     for case in cases:
-        pred = predict_preprocessed_labels(model, case.image, device, tile=tile_of(case))
+        pred, label = case_prediction(model, case, device)
         # one organ's candidate only clears that organ's voxels, so applying all at once leaves
         # every other organ's Dice as it was
         pred_pp = candidate.apply(pred, scheme)
-        label = np.asarray(case.label)
         for organ in scheme.organs:
             idx = scheme.label_ids[organ]
             if not case.annotated[idx]:

@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..data.labels import LabelScheme
 from ..data.sites import CaseData
 from .compiled import compiled_or_eager
-from .inference import predict_preprocessed_labels, tile_of
+from .inference import case_prediction
 from .losses import PartialLabelDiceCELoss, view_consistency
 from .metrics import dice_score, mean_sd
 from .sampling import BalancedSampler, SliceIndex, training_crop
@@ -166,7 +166,7 @@ class Trainer:
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def fit(self, cases: list[CaseData], epochs: int = 1, *, start_epoch: int = 0,
-            val_cases: list[CaseData] | None = None, global_params: list[torch.Tensor] | None = None,
+            val_cases: list | None = None, global_params: list[torch.Tensor] | None = None,
             desc: str = "train", on_epoch=None, validate_each_epoch: bool = True) -> list[EpochResult]:
         """Train ``epochs`` epochs on ``cases`` from the absolute epoch ``start_epoch``; returns one
         :class:`EpochResult` per epoch.
@@ -233,12 +233,13 @@ class Trainer:
         self.scaler.update()
         return float(loss.detach())
 
-    def validate(self, cases: list[CaseData]) -> dict[str, float | None]:
-        """Mean per-case 3D Dice per organ on preprocessed validation cases (None if never annotated)."""
+    def validate(self, cases: list) -> dict[str, float | None]:
+        """Mean per-case 3D Dice per organ on validation cases (None if never annotated), each
+        scored where :func:`fedgin.engine.inference.case_prediction` puts it: a site's validation
+        cases on their input grid, as ``fedgin predict`` would write them (no post-processing)."""
         per_organ: dict[str, list[float | None]] = {o: [] for o in self.scheme.organs}
         for case in cases:
-            pred = predict_preprocessed_labels(self.model, case.image, self.device, tile=tile_of(case))
-            label = np.asarray(case.label)
+            pred, label = case_prediction(self.model, case, self.device)
             for organ, idx in self.scheme.label_ids.items():
                 if idx == 0 or not case.annotated[idx]:
                     continue

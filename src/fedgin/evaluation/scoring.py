@@ -1,8 +1,9 @@
 """``fedgin evaluate``: per-case 3D Dice and HD95 per organ and modality, nnU-Net-like summary.
 
-Predictions are made slice-wise in preprocessed space, mapped back to each case's own grid,
-post-processed there with the checkpoint's plan (unless ``--no-postprocess``), and compared there
-with the reference (HD95 uses the case's own voxel spacing, in mm).
+``--model`` scores exactly what ``fedgin predict`` writes: each case's image is preprocessed alone
+(its label never widens the plane the model sees), predicted slice-wise, mapped back to the case's
+own grid, post-processed there with the checkpoint's plan (unless ``--no-postprocess``), and
+compared there with the reference (HD95 uses the case's own voxel spacing, in mm).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..data.sites import test_refs
 from ..data.splits import split_for
 from ..engine.checkpoint import Checkpoint, load_checkpoint
 from ..engine.inference import predict_labels
-from ..engine.metrics import case_metrics, mean_sd, outcome_counts
+from ..engine.metrics import case_metrics, failure_keys, mean_sd, outcome_counts, share
 from ..engine.trainer import resolve_device
 from ..errors import FedginError
 
@@ -73,8 +74,9 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
     records = []
     for ref in tqdm(refs, desc="evaluate", unit="case", leave=False, disable=None):
         start = time.perf_counter()
-        _, reference, affine = ref.read(ckpt.scheme)
-        pre = load_case(ref, ckpt.scheme, ckpt.preprocess, cache_dir)
+        reference, affine = ref.read_label()
+        # the image alone, as `fedgin predict` preprocesses it: the label must not widen the plane
+        pre = load_case(ref, ckpt.scheme, ckpt.preprocess, cache_dir, image_only=True)
         pred = predict_labels(model, pre, device, compile=compile)
         if postprocess:
             pred = ckpt.postprocess.apply(pred, ckpt.scheme)
@@ -87,7 +89,9 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
 
 def summarise(records: list[dict], scheme: LabelScheme) -> dict:
     """Mean and sd per organ per modality (and over all cases), ignoring nulls, and per organ the
-    count of misses and false positives among the cases that annotate it."""
+    count of misses and false positives among the cases that annotate it, and the failures (Dice
+    below 0.5 and 0.7, HD95 above 50 mm or missed) among the cases whose reference holds it, with
+    their share (``failure_share``; None where no case holds it)."""
     groups: dict[str, list[dict]] = {"all": records}
     for r in records:
         groups.setdefault(r["modality"], []).append(r)
@@ -96,8 +100,9 @@ def summarise(records: list[dict], scheme: LabelScheme) -> dict:
         out[name] = {}
         for organ in scheme.organs:
             metrics = [r["metrics"][organ] for r in rows]
-            out[name][organ] = {**{m: mean_sd([x[m] for x in metrics]) for m in ("dice", "hd95")},
-                                **outcome_counts(metrics)}
+            counts = outcome_counts(metrics)
+            out[name][organ] = {**{m: mean_sd([x[m] for x in metrics]) for m in ("dice", "hd95")}, **counts,
+                                "failure_share": {k: share(counts[k], counts["present"]) for k in failure_keys()}}
         means = [out[name][o]["dice"]["mean"] for o in scheme.organs if out[name][o]["dice"]["mean"] is not None]
         out[name]["mean_dice"] = sum(means) / len(means) if means else None
         out[name]["cases"] = len(rows)
@@ -110,22 +115,32 @@ def _fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
+def _failures(stats: dict, key: str) -> str:
+    """``k / n (share)`` failed cases of an organ, '-' where no case holds it (or an old summary)."""
+    if not stats.get("present"):
+        return "-"
+    return f"{stats[key]} / {stats['present']} ({stats[key] / stats['present']:.0%})"
+
+
 def summary_markdown(summary: dict, scheme: LabelScheme, title: str = "Evaluation") -> str:
     lines = [f"# {title}", "", "Per-case 3D Dice and HD95 (mm), mean ± sd over cases; '-' = no annotated case. "
              "HD95 is undefined where one side is empty, so its mean leaves out the organs counted in "
              "*missed* (in the reference, not predicted) and *FP* (predicted, absent from the reference); "
-             "n: cases that annotate the organ.", ""]
+             "n: cases that annotate the organ. *Dice < 0.5* and *HD95 > 50 mm*: failed cases out of those "
+             "whose reference holds the organ (a missed organ fails both).", ""]
     for modality, stats in summary["by_modality"].items():
         if modality == "all":
             continue
-        lines += [f"## {modality} ({stats['cases']} cases)", "", "| organ | Dice | HD95 (mm) | missed | FP | n |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {modality} ({stats['cases']} cases)", "",
+                  "| organ | Dice | HD95 (mm) | missed | FP | n | Dice < 0.5 | HD95 > 50 mm |",
+                  "|---|---|---|---|---|---|---|---|"]
         for organ in scheme.organs:
             s = stats[organ]
+            fails = " | ".join(_failures(s, key) for key in ("dice_below_0.5", "hd95_above_50mm"))
             lines.append(f"| {organ} | {_fmt(s['dice'])} | {_fmt(s['hd95'], 1)} | {s['missed']} | "
-                         f"{s['false_positives']} | {s['annotated']} |")
+                         f"{s['false_positives']} | {s['annotated']} | {fails} |")
         md = stats["mean_dice"]
-        lines += [f"| **mean** | **{md:.3f}** | | | | |" if md is not None else "| mean | - | | | | |", ""]
+        lines += [f"| **mean** | **{md:.3f}** | | | | | | |" if md is not None else "| mean | - | | | | | | |", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,7 @@ from ..config import RunConfig, SiteSpec, resolve
 from ..data.datasets import check_label_map_names, open_dataset
 from ..data.labels import get_scheme
 from ..data.splits import split_for
+from ..engine.metrics import outcome_counts
 from ..errors import FedginError
 from .layout import run_dir
 
@@ -310,18 +311,14 @@ def _over_seeds(seed_means: list[float]) -> dict:
 
 def aggregate(rows: list[dict]) -> dict:
     """Mean +- sd over seeds of the per-seed mean over cases, per scenario/method/modality/organ,
-    with the misses and false positives counted over all seeds' cases (``outcomes``);
+    with the misses, false positives and failures (:func:`fedgin.engine.metrics.outcome_counts`)
+    counted over all seeds' cases (``outcomes``);
     ``mean``: mean +- sd over seeds of each seed's mean Dice over the scored organs."""
     table: dict = {}
     groups: dict[tuple, dict[int, list[float]]] = {}
-    outcomes: dict[tuple, dict[str, int]] = {}
+    per_case: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("missed") is not None:
-            counts = outcomes.setdefault((r["scenario"], r["method"], r["modality"], r["organ"]),
-                                         {"missed": 0, "false_positives": 0, "annotated": 0})
-            counts["missed"] += bool(r["missed"])
-            counts["false_positives"] += bool(r["false_positive"])
-            counts["annotated"] += 1
+        per_case.setdefault((r["scenario"], r["method"], r["modality"], r["organ"]), []).append(r)
         for metric in ("dice", "hd95"):
             if r[metric] is not None:
                 key = (r["scenario"], r["method"], r["modality"], r["organ"], metric)
@@ -331,8 +328,7 @@ def aggregate(rows: list[dict]) -> dict:
         per_metric = {metric: _over_seeds([float(np.mean(v)) for v in
                                            groups.get((scenario, method, modality, organ, metric), {}).values()])
                       for metric in ("dice", "hd95")}
-        per_metric["outcomes"] = outcomes.get((scenario, method, modality, organ),
-                                              {"missed": 0, "false_positives": 0, "annotated": 0})
+        per_metric["outcomes"] = outcome_counts(per_case.get((scenario, method, modality, organ), []))
         table.setdefault(scenario, {}).setdefault(method, {}).setdefault(modality, {})[organ] = per_metric
     for scenario, methods in table.items():
         for method, modalities in methods.items():

@@ -155,6 +155,29 @@ def _outcome_cell(organs: dict, scheme) -> str:
     return f"{sum(c['missed'] for c in counts)} / {sum(c['false_positives'] for c in counts)}"
 
 
+def _failure_cell(outcomes: dict | None) -> str:
+    """``a% / b%``: the share of cases holding the organ with Dice < 0.5 / with HD95 > 50 mm (or missed)."""
+    if not outcomes or not outcomes.get("present"):
+        return "-"
+    n = outcomes["present"]
+    return f"{outcomes['dice_below_0.5'] / n:.0%} / {outcomes['hd95_above_50mm'] / n:.0%}"
+
+
+def _failure_table(runs: dict, methods: list[str], modality: str, scheme) -> list[str]:
+    """Per method and organ, the share of failed cases (over all seeds' test cases)."""
+    rows = []
+    for method in methods:
+        organs = runs.get(method, {}).get(modality)
+        if organs:
+            rows.append(f"| {method} | " + " | ".join(_failure_cell(organs.get(o, {}).get("outcomes"))
+                                                     for o in scheme.organs) + " |")
+    if not rows:
+        return []
+    return [f"Failures, {modality}: share of the cases whose reference holds the organ with Dice < 0.5 / "
+            "with HD95 > 50 mm (a missed organ counts in both), over all seeds.", "",
+            "| method | " + " | ".join(scheme.organs) + " |", "|---" * (len(scheme.organs) + 1) + "|", *rows, ""]
+
+
 def write_experiment_report(out: Path, scenarios: list[str], methods: list[str], seeds: int, table: dict,
                             notes: list[str] | None = None, overlays: bool = True) -> Path:
     scheme = get_scheme("abdomen5")
@@ -185,6 +208,7 @@ def write_experiment_report(out: Path, scenarios: list[str], methods: list[str],
                 lines.append(f"| {method} | " + " | ".join(cells) + (f" | **{mean}** | " if mean != "-" else " | - | ")
                              + (f"{np.mean(hd):.1f} | " if hd else "- | ") + _outcome_cell(organs, scheme) + " |")
             lines.append("")
+            lines += _failure_table(table.get(scenario, {}), methods, modality, scheme)
         curve = plot_curves(out, scenario, [m for m in methods if m.startswith(("fedavg", "fedgin"))], seeds)
         if curve is not None:
             lines += [f"![Dice per round, {scenario}]({curve.name})", ""]
