@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=POSITIVE_INT)
     p.add_argument("--steps-per-epoch", type=POSITIVE_INT)
     p.add_argument("--split")
+    p.add_argument("--folds", type=POSITIVE_INT, metavar="K",
+                   help="cross-validate: K folds per site, every ground-truth patient tested once (no --split)")
     p.add_argument("--cache-dir")
     p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP)
     _add_label_map(p, " (recorded in every run)")
@@ -387,7 +389,7 @@ def cmd_experiment(args) -> int:
                                      rounds=args.rounds, local_epochs=args.local_epochs,
                                      steps_per_epoch=args.steps_per_epoch, split_file=args.split,
                                      cache_dir=args.cache_dir, overlays=not args.no_overlays,
-                                     label_map=parse_label_map(args.label_map))
+                                     label_map=parse_label_map(args.label_map), folds=args.folds)
     print(f"wrote {report}")
     return 0
 

@@ -192,8 +192,10 @@ def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods
                             out: Path, *, argv: list[str], preset: str = "quick", rounds: int | None = None,
                             local_epochs: int | None = None, steps_per_epoch: int | None = None,
                             split_file: str | None = None, cache_dir: str | None = None,
-                            overlays: bool = True, label_map: dict[str, str] | None = None) -> Path:
-    """``fedgin experiment``: :func:`run_experiment` with its provenance in ``out/experiment.json``.
+                            overlays: bool = True, label_map: dict[str, str] | None = None,
+                            folds: int | None = None) -> Path:
+    """``fedgin experiment``: :func:`run_experiment` with its provenance in ``out/experiment.json``;
+    ``folds`` K: cross-validated over K folds (:mod:`fedgin.experiments.folds`).
 
     Before the run: the command (``argv``, the arguments after ``fedgin``), date and machine; after
     it also the wall time, scenarios, methods and seeds, and the report is redrawn with them.
@@ -206,13 +208,22 @@ def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods
     meta = {"command": "fedgin " + " ".join(shlex.quote(a) for a in argv),
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"}
+    if folds:
+        meta["folds"] = folds
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
-    run_experiment(sites, scenarios, methods, seeds, out, preset=preset, rounds=rounds, local_epochs=local_epochs,
-                   steps_per_epoch=steps_per_epoch, split_file=split_file, cache_dir=cache_dir, overlays=overlays,
-                   label_map=label_map)
+    options = dict(preset=preset, rounds=rounds, local_epochs=local_epochs, steps_per_epoch=steps_per_epoch,
+                   cache_dir=cache_dir, overlays=overlays, label_map=label_map)
+    if folds:
+        from .folds import run_folds, write_cv_results
+
+        run_folds(sites, scenarios, methods, seeds, out, folds=folds, split_file=split_file, **options)
+    else:
+        run_experiment(sites, scenarios, methods, seeds, out, split_file=split_file, **options)
     meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
     meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, seeds
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
+    if folds:
+        return write_cv_results(out, scenarios, methods, seeds, folds)
     return write_results(out, scenarios, methods, seeds, overlays=overlays)
 
 
@@ -341,6 +352,17 @@ def aggregate(rows: list[dict]) -> dict:
     return table
 
 
+RESULT_FIELDS = ("scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95", "missed", "false_positive")
+
+
+def csv_row(r: dict) -> dict:
+    """A row of :func:`collect_rows` as ``results.csv`` writes it (nulls as empty cells)."""
+    return {**{k: r[k] for k in RESULT_FIELDS[:6]}, "dice": "" if r["dice"] is None else f"{r['dice']:.6f}",
+            "hd95": "" if r["hd95"] is None else f"{r['hd95']:.4f}",
+            "missed": "" if r.get("missed") is None else r["missed"],
+            "false_positive": "" if r.get("false_positive") is None else r["false_positive"]}
+
+
 def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: int, *, overlays: bool = True) -> Path:
     """``results.csv``, ``results.json`` and ``report.md`` (+ plots) from the finished runs;
     ``overlays``: the report shows the overlay PNGs drawn (:func:`fedgin.experiments.overlays.draw_overlays`)."""
@@ -348,14 +370,10 @@ def write_results(out: Path, scenarios: list[str], methods: list[str], seeds: in
 
     rows = collect_rows(out, scenarios, methods, seeds)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["scenario", "method", "seed", "modality", "case", "organ", "dice", "hd95",
-                                             "missed", "false_positive"])
+    writer = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS))
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "dice": "" if r["dice"] is None else f"{r['dice']:.6f}",
-                         "hd95": "" if r["hd95"] is None else f"{r['hd95']:.4f}",
-                         "missed": "" if r.get("missed") is None else r["missed"],
-                         "false_positive": "" if r.get("false_positive") is None else r["false_positive"]})
+        writer.writerow(csv_row(r))
     (out / "results.csv").write_text(buf.getvalue())
     table = aggregate(rows)
     (out / "results.json").write_text(json.dumps({"scenarios": scenarios, "methods": methods, "seeds": seeds,

@@ -21,6 +21,14 @@ def redraw_report(path: str | Path, *, overlays: bool = True) -> Path:
         from .experiment import write_results
 
         meta = json.loads((path / "experiment.json").read_text())
+        if meta.get("folds"):  # cross-validated: every fold's report, then the pooled one
+            from .folds import fold_dir, write_cv_results
+
+            for f in range(meta["folds"]):
+                if (fold_dir(path, f) / "runs").is_dir():
+                    write_results(fold_dir(path, f), meta["scenarios"], meta["methods"], meta["seeds"],
+                                  overlays=False)
+            return write_cv_results(path, meta["scenarios"], meta["methods"], meta["seeds"], meta["folds"])
         if overlays:  # they need the runs' models and the test scans
             from .overlays import draw_overlays
 
