@@ -182,7 +182,8 @@ def test_aggregate_gives_mean_and_sd_over_seeds_of_per_seed_means():
     # per seed: (0.7 + 0.4) / 2 = 0.55 and (0.9 + 0.6) / 2 = 0.75
     assert table["mean"]["dice"] == pytest.approx({"mean": 0.65, "sd": 0.1414, "seeds": 2}, abs=1e-4)
     # rows of runs scored before misses were recorded count nothing
-    assert table["liver"]["outcomes"] == {"missed": 0, "false_positives": 0, "annotated": 0}
+    assert table["liver"]["outcomes"] == {"missed": 0, "false_positives": 0, "annotated": 0, "present": 0,
+                                          "dice_below_0.5": 0, "dice_below_0.7": 0, "hd95_above_50mm": 0}
 
 
 def test_aggregate_counts_misses_and_false_positives_over_seeds_and_cases():
@@ -194,5 +195,7 @@ def test_aggregate_counts_misses_and_false_positives_over_seeds_and_cases():
             row(1, "a", "liver", 0.0, True, False), row(1, "b", "liver", 0.0, False, True),
             row(0, "a", "spleen", None, None, None)]  # not annotated: not counted
     table = aggregate(rows)["complete"]["fedgin"]["CT"]
-    assert table["liver"]["outcomes"] == {"missed": 2, "false_positives": 1, "annotated": 4}
-    assert table["spleen"]["outcomes"] == {"missed": 0, "false_positives": 0, "annotated": 0}
+    assert table["liver"]["outcomes"] == {"missed": 2, "false_positives": 1, "annotated": 4, "present": 3,
+                                          "dice_below_0.5": 2, "dice_below_0.7": 2, "hd95_above_50mm": 2}
+    assert table["spleen"]["outcomes"] == {"missed": 0, "false_positives": 0, "annotated": 0, "present": 0,
+                                           "dice_below_0.5": 0, "dice_below_0.7": 0, "hd95_above_50mm": 0}

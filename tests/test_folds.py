@@ -8,7 +8,6 @@ import contextlib
 import csv
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch

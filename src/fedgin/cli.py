@@ -70,6 +70,11 @@ def _add_label_map(p: argparse.ArgumentParser, extra: str = "") -> None:
     p.add_argument("--label-map", action="append", metavar="NAME=ORGAN|background", help=LABEL_MAP_HELP + extra)
 
 
+def _add_context(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=POSITIVE_INT, metavar="K",
+                   help="2.5D: the model sees each slice with its neighbours, K slices in all (odd; default 1: 2D)")
+
+
 def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", action="append", type=_site, required=True, metavar="NAME=DATASET",
                    help="a site and its dataset folder (repeat per site)")
@@ -94,6 +99,7 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
                    help="learning rate over the whole run: poly (nnU-Net's (1 - t/T)^0.9) or constant")
     p.add_argument("--no-intensity-augment", dest="intensity_augment", action="store_false", default=None,
                    help="no standard brightness/contrast/noise/gamma augmentation")
+    _add_context(p)
     p.add_argument("--batch-size", type=POSITIVE_INT)
     p.add_argument("--lr", type=POSITIVE_FLOAT)
     p.add_argument("--steps-per-epoch", type=POSITIVE_INT, help="optimisation steps per epoch (default: preset)")
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=POSITIVE_INT)
     p.add_argument("--steps-per-epoch", type=POSITIVE_INT)
     p.add_argument("--split")
+    _add_context(p)
     p.add_argument("--folds", type=POSITIVE_INT, metavar="K",
                    help="cross-validate: K folds per site, every ground-truth patient tested once (no --split)")
     p.add_argument("--cache-dir")
@@ -279,7 +286,7 @@ def cmd_train(args) -> int:
     cfg = resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
                   train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
                   cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess,
-                  label_map=parse_label_map(args.label_map))
+                  label_map=parse_label_map(args.label_map), context=args.context)
     out = train_non_federated(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
@@ -299,7 +306,7 @@ def cmd_federate(args) -> int:
                   round_timeout=args.round_timeout, postprocess=args.postprocess,
                   proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map),
                   trim_beta=args.trim_beta, dp_clip=args.dp_clip, dp_noise=args.dp_noise, dp_mode=args.dp_mode,
-                  dp_delta=args.dp_delta, secagg=args.secagg or None)
+                  dp_delta=args.dp_delta, secagg=args.secagg or None, context=args.context)
     out = federate(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
@@ -382,14 +389,15 @@ def _comma_list(text: str | None) -> list[str] | None:
 
 
 def cmd_experiment(args) -> int:
-    from .experiments.experiment import run_recorded_experiment
+    from .experiments.recorded import run_recorded_experiment
 
     report = run_recorded_experiment(list(args.site), _comma_list(args.scenario), _comma_list(args.methods),
                                      args.seeds, Path(args.out), argv=sys.argv[1:], preset=args.preset,
                                      rounds=args.rounds, local_epochs=args.local_epochs,
                                      steps_per_epoch=args.steps_per_epoch, split_file=args.split,
                                      cache_dir=args.cache_dir, overlays=not args.no_overlays,
-                                     label_map=parse_label_map(args.label_map), folds=args.folds)
+                                     label_map=parse_label_map(args.label_map), folds=args.folds,
+                                     context=args.context)
     print(f"wrote {report}")
     return 0
 

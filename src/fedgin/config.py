@@ -31,6 +31,8 @@ class ModelConfig:
     """
 
     spatial_dims: int = 2
+    # input slices: 1 (2D), or K (odd) for 2.5D, each slice with its (K - 1) / 2 neighbours on
+    # either side as channels (edge slices repeat), the target the centre slice
     in_channels: int = 1
     out_channels: int = 6
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -231,9 +233,12 @@ def resolve(
     sites: tuple[SiteSpec, ...],
     scheme: str = "abdomen5",
     train_overrides: dict | None = None,
+    context: int | None = None,
     **overrides,
 ) -> RunConfig:
-    """A :class:`RunConfig` from a preset plus explicit overrides (``None`` values are ignored)."""
+    """A :class:`RunConfig` from a preset plus explicit overrides (``None`` values are ignored);
+    ``context`` K (odd): 2.5D, the model sees each slice with its K - 1 neighbours as input
+    channels (``ModelConfig.in_channels``)."""
     from .data.labels import get_scheme
     from .errors import FedginError
 
@@ -242,6 +247,10 @@ def resolve(
     base = PRESETS[preset]
     num_classes = get_scheme(scheme).num_classes
     model = replace(base["model"], out_channels=num_classes)
+    if context is not None:
+        if context < 1 or context % 2 == 0:
+            raise FedginError(f"--context must be an odd number of slices (1, 3, 5, ...), got {context}")
+        model = replace(model, in_channels=context)
     try:
         train = replace(base["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None})
     except ValueError as exc:

@@ -91,6 +91,7 @@ class GIN(nn.Module):
         alpha_range: tuple[float, float] = (0.0, 1.0),
         negative_slope: float = 0.01,
         eps: float = 1e-8,
+        stack: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -115,6 +116,10 @@ class GIN(nn.Module):
         self.alpha_range = (low, high)
         self.negative_slope = float(negative_slope)
         self.eps = float(eps)
+        # 2.5D: a sample's channels are neighbouring slices of one image; one single-channel
+        # network is drawn per sample and applied to every slice (the same contrast throughout
+        # the stack), and the mix keeps the norm of the whole stack
+        self.stack = bool(stack)
         # taps used by each kernel size, embedded in the largest: those within k // 2 of the
         # centre (Chebyshev distance); shape options x K[ x K] x K
         kmax = max(kernel_sizes)
@@ -194,10 +199,19 @@ class GIN(nn.Module):
 
     def network(self, x: torch.Tensor, draw: GINDraw) -> torch.Tensor:
         """The drawn networks applied to ``x`` (``B x C x H x W[ x D]``), one per sample, as one
-        grouped convolution per layer. Returns ``B x C x H x W[ x D]`` in ``x``'s dtype."""
+        grouped convolution per layer. Returns ``B x C x H x W[ x D]`` in ``x``'s dtype. A draw
+        for one channel applied to ``C > 1`` channels (``stack``) runs each sample's network on
+        each of its channels alone."""
         conv = F.conv2d if self.spatial_dims == 2 else F.conv3d
         layout = torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
         batch, spatial = x.shape[0], x.shape[2:]
+        channels, drawn_for = x.shape[1], draw.weights[0].shape[2]
+        if drawn_for == 1 and channels > 1:  # the slices of a stack share their sample's network
+            per_slice = GINDraw(tuple(w.repeat_interleave(channels, 0) for w in draw.weights),
+                                tuple(b.repeat_interleave(channels, 0) for b in draw.biases),
+                                draw.kernel_sizes.repeat_interleave(channels, 1),
+                                draw.alpha.repeat_interleave(channels), draw.selected.repeat_interleave(channels))
+            return self.network(x.reshape(batch * channels, 1, *spatial), per_slice).reshape(x.shape)
         # channels-last: oneDNN's grouped convolution is ~3-4x faster on CPU with few channels
         h = x.reshape(1, -1, *spatial).contiguous(memory_format=layout)
         for layer, (w, b) in enumerate(zip(draw.weights, draw.biases)):
@@ -236,4 +250,4 @@ class GIN(nn.Module):
         shape. Returns a new tensor of ``x``'s shape, dtype and device, without autograd graph.
         """
         self.check_input(x)
-        return self.apply(x, self.draw(x.shape[0], x.shape[1], generator, x.device))
+        return self.apply(x, self.draw(x.shape[0], 1 if self.stack else x.shape[1], generator, x.device))

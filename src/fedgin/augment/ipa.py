@@ -88,8 +88,9 @@ class IPA(nn.Module):
         batch, channels, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
         with torch.no_grad():
             work = x.to(_compute_dtype(x.dtype))
-            first = self.gin.apply(work, self.gin.draw(batch, channels, generator, x.device))
-            second = self.gin.apply(work, self.gin.draw(batch, channels, generator, x.device))
+            drawn = 1 if self.gin.stack else channels  # 2.5D: one network per sample for its slices
+            first = self.gin.apply(work, self.gin.draw(batch, drawn, generator, x.device))
+            second = self.gin.apply(work, self.gin.draw(batch, drawn, generator, x.device))
             mask = self.mask(batch, spatial, generator, x.device).to(work.dtype)
             source = generator.device if generator is not None else x.device
             selected = torch.rand(batch, generator=generator, device=source).to(x.device) < self.p

@@ -16,6 +16,7 @@ from monai.inferers import sliding_window_inference
 
 from ..data.preprocess import Preprocessed, labels_and_probabilities_from_slices, labels_from_slices
 from .compiled import compiled_or_eager
+from .context import stack_slices
 
 #: overlap of neighbouring tiles (MONAI's default; nnU-Net uses 0.5 at twice the cost on wide planes)
 TILE_OVERLAP = 0.25
@@ -56,9 +57,14 @@ def iter_probs(model: torch.nn.Module, image, device: torch.device, batch_size: 
     probs_of = _softmax
     if compile:
         probs_of = _padded(compiled_or_eager(_softmax, True, device, what="inference"), batch_size)
+    context = int(getattr(model, "in_channels", 1) or 1)  # 2.5D: each slice with its neighbours
     try:
         for start in range(0, len(image), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(image[start:start + batch_size]))[:, None].to(device)
+            stop = min(len(image), start + batch_size)
+            if context > 1:
+                x = torch.from_numpy(stack_slices(image, start, stop, context)).to(device)
+            else:
+                x = torch.from_numpy(np.ascontiguousarray(image[start:stop]))[:, None].to(device)
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 if tile is None or tuple(x.shape[-2:]) == tuple(tile):
                     probs = probs_of(model, x)

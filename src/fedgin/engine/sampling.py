@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.sites import CaseData
+from .context import stack_slices
 from .inference import tile_of
 
 
@@ -39,11 +40,13 @@ class SliceIndex:
     def __len__(self) -> int:
         return len(self.case_of)
 
-    def read(self, idx: np.ndarray, crop: tuple[int, int], rng: np.random.Generator,
+    def read(self, idx: np.ndarray, crop: tuple[int, int], rng: np.random.Generator, context: int = 1,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``B x H x W`` float32 images, ``B x H x W`` uint8 labels (``(H, W) = crop``) and ``B x C``
-        annotation flags of slices ``idx``, each cut as the module docstring says."""
-        images = np.empty((len(idx), *crop), np.float32)
+        annotation flags of slices ``idx``, each cut as the module docstring says. ``context`` K > 1
+        (2.5D): images are ``B x K x H x W``, each slice with its neighbours (:func:`neighbours`),
+        cut at the same place; the label is the centre slice's."""
+        images = np.empty((len(idx), *([context] if context > 1 else []), *crop), np.float32)
         labels = np.empty((len(idx), *crop), np.uint8)
         annotated = []
         for k, i in enumerate(idx):
@@ -51,10 +54,13 @@ class SliceIndex:
             z = int(self.z_of[i])
             label = np.asarray(case.label[z])
             r0, c0 = crop_origin(label, crop, rng)
-            images[k] = np.asarray(case.image[z])[r0:r0 + crop[0], c0:c0 + crop[1]]
-            labels[k] = label[r0:r0 + crop[0], c0:c0 + crop[1]]
+            window = (Ellipsis, slice(r0, r0 + crop[0]), slice(c0, c0 + crop[1]))
+            images[k] = (stack_slices(case.image, z, z + 1, context)[0] if context > 1
+                         else np.asarray(case.image[z]))[window]
+            labels[k] = label[window[1:]]
             annotated.append(case.annotated)
         return images, labels, np.stack(annotated)
+
 
 
 def crop_origin(label: np.ndarray, crop: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:

@@ -128,9 +128,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.intensity = RandomIntensity() if cfg.intensity_augment else None
         self.gin = self.ipa = None
+        # 2.5D (in_channels K > 1): each slice comes with its neighbours, and one GIN draw per
+        # sample changes the contrast of the whole stack alike
+        self.context = int(getattr(model, "in_channels", 1) or 1)
+        stack = self.context > 1
         if self.use_gin:
-            self.gin = GIN(spatial_dims=2, p=cfg.gin_p)
-            self.ipa = IPA(spatial_dims=2, p=cfg.gin_p) if cfg.ipa else None
+            self.gin = GIN(spatial_dims=2, p=cfg.gin_p, stack=stack)
+            self.ipa = IPA(spatial_dims=2, p=cfg.gin_p, gin=GIN(spatial_dims=2, stack=stack)) if cfg.ipa else None
         self.views = (max(1, cfg.gin_views) + int(cfg.clean_view)) if self.use_gin else 1
         self.slices_per_step = max(1, round(cfg.batch_size / self.views))
         self.last_lr = cfg.lr
@@ -194,7 +198,7 @@ class Trainer:
                 self.last_lr = self.lr_at(epoch * steps + i, total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.last_lr
-                images, labels, annotated = bank.read(sampler.batch(), crop, rng)
+                images, labels, annotated = bank.read(sampler.batch(), crop, rng, self.context)
                 loss = self.step(images, labels, annotated, gen, global_params)
                 total += loss
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -214,7 +218,8 @@ class Trainer:
              global_params: list[torch.Tensor] | None = None) -> float:
         """One optimisation step on ``B x H x W`` images and labels (``B x C`` annotation flags, as
         :meth:`SliceIndex.read` gives them); returns the loss."""
-        images = torch.from_numpy(images)[:, None].to(self.device, non_blocking=True)
+        images = torch.from_numpy(images)
+        images = (images if images.ndim == 4 else images[:, None]).to(self.device, non_blocking=True)
         labels = torch.from_numpy(labels.astype(np.int64))[:, None].to(self.device)
         annotated = torch.from_numpy(annotated).to(self.device)
         if self.cfg.spatial_augment:

@@ -22,10 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import platform
 import re
-import shlex
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -135,7 +132,8 @@ def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[
 def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str], seeds: int, out: Path, *,
                    preset: str = "quick", rounds: int | None = None, local_epochs: int | None = None,
                    steps_per_epoch: int | None = None, split_file: str | None = None, cache_dir: str | None = None,
-                   overlays: bool = True, label_map: dict[str, str] | None = None, log=print) -> Path:
+                   overlays: bool = True, label_map: dict[str, str] | None = None, context: int | None = None,
+                   log=print) -> Path:
     """Train and evaluate every (scenario, method, seed); write results and the report into ``out``.
 
     ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images);
@@ -163,7 +161,7 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
                 base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
                                train_overrides={**method.train_overrides, "steps_per_epoch": steps_per_epoch},
                                seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
-                               local_epochs=local_epochs, label_map=label_map)
+                               local_epochs=local_epochs, label_map=label_map, context=context)
                 if (eval_dir / "summary.json").exists():
                     _check_same_recipe(run, base)
                     log(f"[{scenario} {method.name} seed {seed}] done before, reused")
@@ -186,45 +184,6 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 
         draw_overlays(out, scenarios, names, cache_dir=cache_dir, log=log)
     return write_results(out, scenarios, names, seeds, overlays=overlays)
-
-
-def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str] | None, seeds: int,
-                            out: Path, *, argv: list[str], preset: str = "quick", rounds: int | None = None,
-                            local_epochs: int | None = None, steps_per_epoch: int | None = None,
-                            split_file: str | None = None, cache_dir: str | None = None,
-                            overlays: bool = True, label_map: dict[str, str] | None = None,
-                            folds: int | None = None) -> Path:
-    """``fedgin experiment``: :func:`run_experiment` with its provenance in ``out/experiment.json``;
-    ``folds`` K: cross-validated over K folds (:mod:`fedgin.experiments.folds`).
-
-    Before the run: the command (``argv``, the arguments after ``fedgin``), date and machine; after
-    it also the wall time, scenarios, methods and seeds, and the report is redrawn with them.
-    ``methods`` None: :data:`DEFAULT_METHODS`. Returns the report.
-    """
-    start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    methods = list(DEFAULT_METHODS) if methods is None else methods
-    meta = {"command": "fedgin " + " ".join(shlex.quote(a) for a in argv),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"}
-    if folds:
-        meta["folds"] = folds
-    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
-    options = dict(preset=preset, rounds=rounds, local_epochs=local_epochs, steps_per_epoch=steps_per_epoch,
-                   cache_dir=cache_dir, overlays=overlays, label_map=label_map)
-    if folds:
-        from .folds import run_folds, write_cv_results
-
-        run_folds(sites, scenarios, methods, seeds, out, folds=folds, split_file=split_file, **options)
-    else:
-        run_experiment(sites, scenarios, methods, seeds, out, split_file=split_file, **options)
-    meta["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
-    meta["scenarios"], meta["methods"], meta["seeds"] = scenarios, methods, seeds
-    (out / "experiment.json").write_text(json.dumps(meta, indent=2))
-    if folds:
-        return write_cv_results(out, scenarios, methods, seeds, folds)
-    return write_results(out, scenarios, methods, seeds, overlays=overlays)
 
 
 # what a finished run must share with what this call would train to be reused (the budget fields

@@ -32,6 +32,9 @@ from ..data.datasets import open_dataset
 from ..data.labels import get_scheme
 from ..data.splits import Split
 from ..errors import FedginError
+from .experiment import RESULT_FIELDS, aggregate, collect_rows, csv_row, run_experiment
+from .grid_report import write_experiment_report
+from .layout import run_dir
 
 #: the seed of the fold assignment (nnU-Net's, for the same reason: folds fixed across runs)
 FOLD_SEED = 12345
@@ -112,8 +115,6 @@ def run_folds(sites: list[SiteSpec], scenarios: list[str], methods: list[str], s
               label_map: dict[str, str] | None = None, log=print, **options) -> Path:
     """Every fold's grid (:func:`fedgin.experiments.experiment.run_experiment`), then the pooled
     results and report in ``out``."""
-    from .experiment import run_experiment
-
     if split_file:
         raise FedginError("--folds makes its own splits (every case tested once); it does not take --split")
     paths = write_fold_split_files(sites, folds, out, label_map)
@@ -125,8 +126,6 @@ def run_folds(sites: list[SiteSpec], scenarios: list[str], methods: list[str], s
 
 
 def collect_fold_rows(out: Path, scenarios: list[str], methods: list[str], seeds: int, folds: int) -> list[dict]:
-    from .experiment import collect_rows
-
     rows = []
     for f in range(folds):
         rows += [{**r, "fold": f} for r in collect_rows(fold_dir(out, f), scenarios, methods, seeds)]
@@ -135,17 +134,12 @@ def collect_fold_rows(out: Path, scenarios: list[str], methods: list[str], seeds
 
 def finished_folds(out: Path, scenarios: list[str], methods: list[str], seeds: int, folds: int) -> list[int]:
     """The folds whose every (scenario, method, seed) run has its evaluation."""
-    from .layout import run_dir
-
     return [f for f in range(folds) if all((run_dir(fold_dir(out, f), s, m, seed) / "eval" / "summary.json").exists()
                                            for s in scenarios for m in methods for seed in range(seeds))]
 
 
 def write_cv_results(out: Path, scenarios: list[str], methods: list[str], seeds: int, folds: int) -> Path:
     """``results.csv`` (a ``fold`` column), ``results.json`` and ``report.md`` pooled over the folds."""
-    from .experiment import RESULT_FIELDS, aggregate, csv_row
-    from .grid_report import write_experiment_report
-
     rows = collect_fold_rows(out, scenarios, methods, seeds, folds)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["fold", *RESULT_FIELDS])
