@@ -61,8 +61,12 @@ def test_a_missed_organ_and_a_false_positive_are_flagged_and_counted():
     assert out["kidneys"] == {"dice": None, "hd95": None, "missed": False, "false_positive": False}
     hit = case_metrics(ref, ref, organs, annotated=("liver",), spacing=(1.0, 1.0, 1.0))["liver"]
     not_annotated = case_metrics(ref, ref, organs, annotated=("liver",), spacing=(1.0, 1.0, 1.0))["spleen"]
-    assert outcome_counts([out["liver"], hit, not_annotated]) == {"missed": 1, "false_positives": 0, "annotated": 2}
-    assert outcome_counts([out["spleen"], out["kidneys"]]) == {"missed": 0, "false_positives": 1, "annotated": 2}
+    assert outcome_counts([out["liver"], hit, not_annotated]) == {
+        "missed": 1, "false_positives": 0, "annotated": 2,
+        "present": 2, "dice_below_0.5": 1, "dice_below_0.7": 1, "hd95_above_50mm": 1}  # the miss fails
+    assert outcome_counts([out["spleen"], out["kidneys"]]) == {
+        "missed": 0, "false_positives": 1, "annotated": 2,
+        "present": 0, "dice_below_0.5": 0, "dice_below_0.7": 0, "hd95_above_50mm": 0}
 
 
 def test_summaries_count_misses_and_false_positives_beside_the_means():
