@@ -81,9 +81,10 @@ def block_mean(volume: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
 
 
 def block_centres(labels: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """The centre voxel of each ``factors``-sized block (the grid :func:`block_mean` gives)."""
-    index = tuple(slice(min(f // 2, n - 1), None, f) for f, n in zip(factors, labels.shape))
-    return np.ascontiguousarray(labels[index], dtype=np.uint8)
+    """The centre voxel of each ``factors``-sized block (the grid :func:`block_mean` gives; a last,
+    partial block takes its own last voxel where its centre is past the edge)."""
+    index = [np.minimum(np.arange(math.ceil(n / f)) * f + f // 2, n - 1) for n, f in zip(labels.shape, factors)]
+    return np.ascontiguousarray(labels[np.ix_(*index)], dtype=np.uint8)
 
 
 def code_map(image: np.ndarray, modality: str) -> tuple[list[int], list[float]]:

@@ -88,7 +88,8 @@ def plausibility_warnings(organs: dict[str, dict]) -> list[str]:
         if ml == 0:
             warnings.append(f"{organ} not found (0 ml), outside {usual}")
         else:
-            warnings.append(f"{organ} {ml:.0f} ml, far {'below' if ml < low else 'above'} {usual}")
+            shown = f"{ml:.0f}" if ml >= 10 else f"{ml:.1f}"
+            warnings.append(f"{organ} {shown} ml, far {'below' if ml < low else 'above'} {usual}")
     return warnings
 
 

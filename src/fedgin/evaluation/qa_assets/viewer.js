@@ -57,7 +57,7 @@ function columns() {
       cols.push({ key: o + ":dice", label: o + " Dice", value: (c) => c.metrics[o] ? c.metrics[o].dice : null,
                   text: (c) => fmt(c.metrics[o] && c.metrics[o].dice, 3),
                   bad: (c) => c.metrics[o] && c.metrics[o].dice !== null && c.metrics[o].dice < 0.5 });
-      cols.push({ key: o + ":hd95", label: "HD95 mm", value: (c) => c.metrics[o] ? c.metrics[o].hd95 : null,
+      cols.push({ key: o + ":hd95", label: o + " HD95 mm", value: (c) => c.metrics[o] ? c.metrics[o].hd95 : null,
                   text: (c) => fmt(c.metrics[o] && c.metrics[o].hd95, 1) });
     }
     cols.push({ key: o + ":ml", label: o + " ml", value: (c) => c.organs[o] ? c.organs[o].volume_ml : null,
