@@ -377,7 +377,8 @@ def test_predict_single_file_keeps_the_input_grid(capsys, tmp_path, sites, ct_mo
     out = tmp_path / "pred"
     rc, stdout, _ = cli(capsys, "predict", "-i", src, "-o", out, "--model", ct_model)
     assert rc == 0, stdout
-    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "phantom_ct_000.nii.gz", "provenance.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "phantom_ct_000.nii.gz", "provenance.json",
+                                                     "qa.html", "qa.npz"]
     labels = assert_same_grid(out / "phantom_ct_000.nii.gz", src)
     assert set(np.unique(labels)) <= set(range(6))
     assert json.loads((out / "labels.json").read_text()) == label_ids(ABDOMEN5)

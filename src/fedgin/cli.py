@@ -124,6 +124,10 @@ NO_POSTPROCESS_HELP = ("do not apply the model's post-processing plan (keep only
                        "components of the organs where that did not lower validation Dice)")
 
 
+NO_QA_HELP = ("no qa.html (the interactive QA page: case table, slice viewer, organ volumes) and no qa.npz "
+              "(the page's down-sampled images, kept so fedgin report can redraw it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedgin", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -206,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP)
     _add_label_map(p, " (recorded in every run)")
 
-    p = sub.add_parser("report", help="(re)draw tables and plots for a run, an evaluation or an experiment")
+    p = sub.add_parser("report", help="(re)draw tables and plots for a run or an experiment, and the QA page "
+                                      "(qa.html) of a run, an evaluation or a prediction folder")
     p.add_argument("dir")
     p.add_argument("--no-overlays", action="store_true", help=NO_OVERLAYS_HELP + " (experiment dirs)")
 
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help=NO_POSTPROCESS_HELP)
+    p.add_argument("--no-qa", dest="qa", action="store_false", help=NO_QA_HELP)
     _add_label_map(p, " (default: the map the model was trained with; these entries go on top)")
 
     p = sub.add_parser("predict", help="NIfTI in, NIfTI label map out (input geometry and header kept)")
@@ -254,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the network through torch.compile (off by default: on a CPU it measured no faster)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help=NO_POSTPROCESS_HELP)
+    p.add_argument("--statistics", action="store_true", help="also {case}.statistics.json: per organ the volume "
+                   "(ml) and the mean and sd of the intensity inside (HU for CT), with plausibility warnings")
+    p.add_argument("--no-qa", dest="qa", action="store_false", help=NO_QA_HELP)
     return parser
 
 
@@ -358,7 +367,7 @@ def cmd_evaluate(args) -> int:
         from .evaluation.folder import evaluate_folder
 
         summary = evaluate_folder(args.pred, datasets, args.out, cases=args.cases or "predicted", seed=args.seed,
-                                  split_file=args.split, scheme=args.scheme, label_map=label_map)
+                                  split_file=args.split, scheme=args.scheme, label_map=label_map, qa=args.qa)
         print(f"scored {len(summary['metric_per_case'])} prediction(s) from {args.pred}")
     else:
         if args.cases == "predicted":
@@ -367,10 +376,12 @@ def cmd_evaluate(args) -> int:
             raise FedginError("--scheme goes with --pred; a model scores in its own label scheme")
         summary = evaluate(args.model, datasets, args.out, cases=args.cases or "test", seed=args.seed,
                            split_file=args.split, device=args.device, cache_dir=args.cache_dir,
-                           postprocess=args.postprocess, label_map=label_map, compile=args.compile)
+                           postprocess=args.postprocess, label_map=label_map, compile=args.compile, qa=args.qa)
     for line in mean_dice_lines(summary):
         print(line)
-    print(f"wrote {args.out}/summary.json, metrics.csv, summary.md")
+    warned = sum(bool(r["statistics"]["warnings"]) for r in summary["metric_per_case"])
+    print(f"wrote {args.out}/summary.json, metrics.csv, summary.md, statistics/" + (", qa.html" if args.qa else "")
+          + (f"; {warned} case(s) with plausibility warnings on organ volumes" if warned else ""))
     return 0
 
 
@@ -379,7 +390,8 @@ def cmd_predict(args) -> int:
 
     written = predict(args.input, args.output, args.model, modality=args.modality, masks=args.masks,
                       device=args.device, postprocess=args.postprocess, checkpoint=args.checkpoint,
-                      save_probabilities=args.save_probabilities, compile=args.compile)
+                      save_probabilities=args.save_probabilities, compile=args.compile,
+                      statistics=args.statistics, qa=args.qa)
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
 

@@ -35,6 +35,7 @@ from ..data.nifti import read_header_info, read_volume, spacing_of, spatial_shap
 from ..engine.metrics import case_metrics
 from ..errors import DataError, FedginError
 from .prediction import NIFTI_ENDINGS
+from .qa import CaseRecorder, evaluation_page
 from .scoring import cases_to_score, merged_label_map, write_evaluation
 
 #: ``--cases`` for predictions: the labelled reference cases that have a prediction file (default),
@@ -133,9 +134,9 @@ def _luts(refs: list[CaseRef], folder: Path, scheme: LabelScheme, label_map: Map
 
 
 def score_predictions(refs: list[CaseRef], files: dict[str, Path], luts: dict, scheme: LabelScheme, *,
-                      with_hd95: bool = True) -> list[dict]:
+                      with_hd95: bool = True, recorder: CaseRecorder | None = None) -> list[dict]:
     """One record per case, as :func:`~fedgin.evaluation.scoring.evaluate_cases` gives, plus the
-    prediction file."""
+    prediction file (``recorder``: as there; it reads each case's image)."""
     organs = {o: i for o, i in scheme.label_ids.items() if i > 0}
     records = []
     for ref in tqdm(refs, desc="evaluate", unit="case", leave=False, disable=None):
@@ -149,16 +150,21 @@ def score_predictions(refs: list[CaseRef], files: dict[str, Path], luts: dict, s
         records.append({"case": ref.case_id, "dataset": ref.dataset, "modality": ref.modality,
                         "annotated": list(ref.annotated), "metrics": scores, "prediction_file": str(path),
                         "seconds": time.perf_counter() - start})
+        if recorder is not None:
+            image, _ = read_volume(ref.image, kind="image")
+            records[-1]["statistics"] = recorder.add(ref.case_id, ref.dataset, ref.modality, image, affine,
+                                                     pred, reference)
     return records
 
 
 def evaluate_folder(pred: str, datasets: list[str], out: str, *, cases: str = "predicted", seed: int | None = None,
                     split_file: str | None = None, scheme: str | None = None,
-                    label_map: Mapping[str, str] | None = None) -> dict:
+                    label_map: Mapping[str, str] | None = None, qa: bool = False) -> dict:
     """Score the label maps in ``pred`` against the reference ``datasets``; writes ``out`` (see
     :func:`~fedgin.evaluation.scoring.write_evaluation`). ``cases``: one of :data:`PRED_CASES`;
     ``seed``/``split_file`` choose the test split (``cases="test"``). ``label_map``'s names must
-    each label something in the references or the predictions."""
+    each label something in the references or the predictions. ``qa``: as for
+    :func:`~fedgin.evaluation.scoring.evaluate`."""
     if cases not in PRED_CASES:
         raise FedginError(f"--cases must be one of {', '.join(PRED_CASES)}, got {cases!r}")
     folder = Path(pred)
@@ -177,10 +183,14 @@ def evaluate_folder(pred: str, datasets: list[str], out: str, *, cases: str = "p
     refs = _pick_cases(opened, files, folder, cases=cases, seed=seed, split_file=split_file)
     luts = _luts(refs, folder, label_scheme, effective, labels)
     _check_grids(refs, files)
-    records = score_predictions(refs, files, luts, label_scheme)
+    with CaseRecorder.for_evaluation(out, label_scheme, qa) as recorder:
+        records = score_predictions(refs, files, luts, label_scheme, recorder=recorder)
     args = {"pred": pred, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
             "scheme": label_scheme.name, "label_map": effective,
             "labels_from": str(labels[1]) if labels is not None else "reference datasets", "postprocess": False}
     model = provenance.get("model")
-    return write_evaluation(Path(out), records, label_scheme, args, model=str(model) if model else None,
-                            model_meta=meta or None, predictions=str(folder))
+    summary = write_evaluation(Path(out), records, label_scheme, args, model=str(model) if model else None,
+                               model_meta=meta or None, predictions=str(folder))
+    if qa:
+        evaluation_page(Path(out), summary, label_scheme)
+    return summary

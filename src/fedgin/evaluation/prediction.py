@@ -36,6 +36,8 @@ from ..engine.checkpoint import load_checkpoint
 from ..engine.inference import predict_labels, predict_labels_and_probabilities
 from ..engine.trainer import resolve_device
 from ..errors import DataError, FedginError
+from .qa import CaseRecorder, prediction_page
+from .statistics import statistics_path
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
@@ -108,11 +110,14 @@ def output_folder(out: str | Path) -> tuple[Path, bool]:
 
 def predict(inputs: str, out: str, model: str, *, modality: str | None = None, masks: bool = False,
             device: str = "auto", postprocess: bool = True, checkpoint: str | None = None,
-            save_probabilities: bool = False, compile: bool = False, log=print) -> list[Path]:
+            save_probabilities: bool = False, compile: bool = False, statistics: bool = False, qa: bool = False,
+            log=print) -> list[Path]:
     """Predict every NIfTI of ``inputs`` (a file or a folder) into the folder ``out`` with
     ``model`` (a checkpoint file, or a run dir's ``checkpoint``: ``last`` by default, ``round_N``
     or ``epoch_N``); returns the files written (see the module docstring). ``compile``: the network
-    through ``torch.compile`` (on a CPU it measured no faster; :mod:`fedgin.engine.compiled`)."""
+    through ``torch.compile`` (on a CPU it measured no faster; :mod:`fedgin.engine.compiled`).
+    ``statistics``: ``{case}.statistics.json`` per case (:mod:`fedgin.evaluation.statistics`);
+    ``qa``: ``qa.html`` and ``qa.npz`` (:mod:`fedgin.evaluation.qa`)."""
     check_output_folder(out)
     ckpt = load_checkpoint(model, checkpoint=checkpoint)
     src = Path(inputs)
@@ -128,14 +133,19 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     # outputs are staged in a hidden folder and moved in only once every input has succeeded
     stage = Path(tempfile.mkdtemp(prefix=".fedgin-predict-", dir=dest))
     options = {"masks": masks, "postprocess": postprocess, "save_probabilities": save_probabilities,
-               "compile": compile}
+               "compile": compile, "statistics": statistics, "qa": qa}
+    recorder = CaseRecorder(stage, ckpt.scheme, views=qa, statistics_dir=stage if statistics else None)
     try:
-        staged = _predict_all(files, stage, net, ckpt, mod, dev, options, log)
+        with recorder:
+            staged = _predict_all(files, stage, net, ckpt, mod, dev, options, log, recorder)
         arguments = {"input": inputs, "output": out, "model": str(model), "checkpoint": checkpoint,
                      "modality": mod, "device": str(dev), **options,
                      "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
         _write_json(stage / "labels.json", ckpt.scheme.label_ids)
-        _write_json(stage / "provenance.json", _provenance(ckpt, files, arguments))
+        provenance = _provenance(ckpt, files, arguments)
+        _write_json(stage / "provenance.json", provenance)
+        if qa:
+            staged += [stage / "qa.npz", prediction_page(stage, provenance, ckpt.scheme)]
         written = []
         for path in staged + [stage / "labels.json", stage / "provenance.json"]:
             os.replace(path, dest / path.name)
@@ -149,7 +159,7 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     return written
 
 
-def _predict_all(files, dest, net, ckpt, mod, dev, options, log) -> list[Path]:
+def _predict_all(files, dest, net, ckpt, mod, dev, options, log, recorder=None) -> list[Path]:
     written: list[Path] = []
     classes = sorted(ckpt.scheme.label_ids, key=ckpt.scheme.label_ids.get)
     for f in files:
@@ -157,7 +167,8 @@ def _predict_all(files, dest, net, ckpt, mod, dev, options, log) -> list[Path]:
         image, affine = read_volume(f, kind="image")
         source = read_header(f)
         pre = preprocess(image, affine, mod, ckpt.preprocess)
-        del image
+        if not (options["qa"] or options["statistics"]):
+            del image  # the statistics and the QA page need it
         name = case_name(f)
         if options["save_probabilities"]:
             labels, probabilities = predict_labels_and_probabilities(net, pre, dev, compile=options["compile"])
@@ -174,6 +185,12 @@ def _predict_all(files, dest, net, ckpt, mod, dev, options, log) -> list[Path]:
                 if idx:
                     written.append(write_volume(dest / f"{name}_{organ}.nii.gz", (labels == idx), affine,
                                                 dtype=np.uint8, header=label_header(source, f"fedgin {organ} mask")))
+        if options["qa"] or options["statistics"]:
+            stats = recorder.add(name, None, mod, image, affine, labels)
+            if options["statistics"]:
+                written.append(statistics_path(dest, name))
+            for warning in stats["warnings"]:
+                log(f"{name}: plausibility warning: {warning}")
         log(f"{f.name} -> {name}.nii.gz ({time.perf_counter() - start:.1f}s)")
     return written
 

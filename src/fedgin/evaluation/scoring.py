@@ -31,6 +31,7 @@ from ..engine.inference import predict_labels
 from ..engine.metrics import case_metrics, failure_keys, mean_sd, outcome_counts, share
 from ..engine.trainer import resolve_device
 from ..errors import FedginError
+from .qa import CaseRecorder, evaluation_page
 
 
 def cases_to_score(datasets: list[Dataset], *, cases: str = "test", seed: int = 0,
@@ -65,16 +66,17 @@ def merged_label_map(recorded: Mapping[str, str] | None, given: Mapping[str, str
 
 def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.device | None = None,
                    cache_dir: Path | None = None, with_hd95: bool = True, postprocess: bool = True,
-                   compile: bool = False) -> list[dict]:
+                   compile: bool = False, recorder: CaseRecorder | None = None) -> list[dict]:
     """One record per case: id, dataset, modality, and ``{organ: {dice, hd95, missed, false_positive}}``; ``postprocess``
-    applies the checkpoint's post-processing plan to each prediction."""
+    applies the checkpoint's post-processing plan to each prediction; ``recorder`` adds each case's
+    organ statistics (and keeps its images for the QA page)."""
     device = device or resolve_device()
     model = ckpt.build(device)
     organs = {o: i for o, i in ckpt.scheme.label_ids.items() if i > 0}
     records = []
     for ref in tqdm(refs, desc="evaluate", unit="case", leave=False, disable=None):
         start = time.perf_counter()
-        reference, affine = ref.read_label()
+        image, reference, affine = ref.read(ckpt.scheme)
         # the image alone, as `fedgin predict` preprocesses it: the label must not widen the plane
         pre = load_case(ref, ckpt.scheme, ckpt.preprocess, cache_dir, image_only=True)
         pred = predict_labels(model, pre, device, compile=compile)
@@ -84,6 +86,9 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
         records.append({"case": ref.case_id, "dataset": ref.dataset, "modality": ref.modality,
                         "annotated": list(ref.annotated), "metrics": scores,
                         "seconds": time.perf_counter() - start})
+        if recorder is not None:
+            records[-1]["statistics"] = recorder.add(ref.case_id, ref.dataset, ref.modality, image, affine,
+                                                     pred, reference)
     return records
 
 
@@ -187,12 +192,14 @@ def write_evaluation(out: Path, records: list[dict], scheme: LabelScheme, args: 
 
 def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", seed: int | None = None,
              split_file: str | None = None, device: str = "auto", cache_dir: str | None = None,
-             postprocess: bool = True, label_map: Mapping[str, str] | None = None, compile: bool = False) -> dict:
+             postprocess: bool = True, label_map: Mapping[str, str] | None = None, compile: bool = False,
+             qa: bool = False) -> dict:
     """Score a model; the split (seed and split file) defaults to the one the model was trained with,
     so a model is never scored on its own training cases by accident. ``postprocess`` False scores
     the raw predictions (the checkpoint's post-processing plan is not applied). The label map is the
     one the model was trained with (checkpoint meta), ``label_map``'s entries on top; a name of
-    ``label_map`` that no dataset labels is refused."""
+    ``label_map`` that no dataset labels is refused. Each case's organ statistics go to
+    ``statistics/``; ``qa`` also writes ``qa.html`` and ``qa.npz`` (:mod:`fedgin.evaluation.qa`)."""
     ckpt = load_checkpoint(model)
     if seed is None:
         seed = int(ckpt.meta.get("seed", 0))
@@ -202,10 +209,14 @@ def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", 
     opened = [open_dataset(path, ckpt.scheme, label_map=effective) for path in datasets]
     check_label_map_names(label_map, opened)
     refs = cases_to_score(opened, cases=cases, seed=seed, split_file=split_file)
-    records = evaluate_cases(ckpt, refs, device=resolve_device(device),
-                             cache_dir=Path(cache_dir) if cache_dir else None, postprocess=postprocess,
-                             compile=compile)
+    with CaseRecorder.for_evaluation(out, ckpt.scheme, qa) as recorder:
+        records = evaluate_cases(ckpt, refs, device=resolve_device(device),
+                                 cache_dir=Path(cache_dir) if cache_dir else None, postprocess=postprocess,
+                                 compile=compile, recorder=recorder)
     args = {"model": model, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
             "label_map": effective, "postprocess": postprocess,
             "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
-    return write_evaluation(Path(out), records, ckpt.scheme, args, model=str(ckpt.path), model_meta=ckpt.meta)
+    summary = write_evaluation(Path(out), records, ckpt.scheme, args, model=str(ckpt.path), model_meta=ckpt.meta)
+    if qa:
+        evaluation_page(Path(out), summary, ckpt.scheme)
+    return summary

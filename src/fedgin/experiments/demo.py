@@ -44,7 +44,7 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int | None = None, log=print) 
     federate(cfg, log=log)
     log("3/4 evaluating the global model on the held-out test cases of both sites ...")
     summary = evaluate(str(out / "run"), [str(ct), str(mri)], str(out / "eval"), seed=seed,
-                       cache_dir=str(out / "cache"))
+                       cache_dir=str(out / "cache"), qa=True)
     log("4/4 writing the report ...")
     minutes = (time.perf_counter() - start) / 60
     notes = [f"Synthetic demo: one CT site and one MRI site (phantoms), FedGIN (FedAvg + GIN) on Flower, "
@@ -53,5 +53,5 @@ def run_demo(out: Path, *, seed: int = 0, rounds: int | None = None, log=print) 
     for modality, stats in summary["by_modality"].items():
         if modality != "all" and stats["mean_dice"] is not None:
             log(f"    {modality}: mean test Dice {stats['mean_dice']:.3f} ({stats['cases']} cases)")
-    log(f"done in {minutes:.1f} min: {report}")
+    log(f"done in {minutes:.1f} min: {report} (and the QA page {out / 'eval' / 'qa.html'})")
     return report

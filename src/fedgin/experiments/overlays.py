@@ -34,6 +34,7 @@ from ..engine.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from ..engine.inference import predict_preprocessed_labels, tile_of  # noqa: E402
 from ..engine.trainer import resolve_device  # noqa: E402
 from ..errors import FedginError, ModelError  # noqa: E402
+from ..evaluation.qa import ORGAN_COLOURS  # noqa: E402 - one colour per organ, as on the QA page
 from ..evaluation.scoring import select_cases  # noqa: E402
 from .layout import OVERLAY_DIR, run_dir  # noqa: E402
 
@@ -42,16 +43,6 @@ PANEL_INCHES = 3.0
 DPI = 100
 ALPHA = 0.45
 WINDOW_PERCENTILES = (1.0, 99.0)
-#: One colour per organ in every panel and every PNG; organs of other schemes get ``C{id}``.
-ORGAN_COLOURS = {
-    "liver": "tab:red",
-    "kidneys": "tab:blue",
-    "kidney_right": "tab:blue",
-    "kidney_left": "tab:cyan",
-    "spleen": "tab:purple",
-    "pancreas": "tab:orange",
-    "gallbladder": "tab:green",
-}
 
 
 @dataclass
