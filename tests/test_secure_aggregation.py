@@ -9,6 +9,7 @@ what the CT site's weights were.
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -16,13 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.common import bytes_to_ndarray
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
 
 from fedgin.config import SiteSpec, resolve
 from fedgin.engine.checkpoint import load_raw
 from fedgin.errors import FedginError
-from fedgin.federated.secagg import CLIP_RANGE
-from fedgin.federated.strategy import check_options
+from fedgin.federated.recorder import RoundRecorder
+from fedgin.federated.secagg import CLIP_RANGE, MaskedMean
+from fedgin.federated.strategy import MEAN_STRATEGIES, check_options, make_strategy
+from fedgin.federated.task import run_config_to_json
+from server_side import FakeGrid
 
 RECORDING_RUN = '''
 import pickle, sys
@@ -120,3 +125,40 @@ def test_secagg_refuses_what_it_cannot_aggregate(tmp_path, options, message):
     cfg = resolve("quick", command="test", out=str(tmp_path), sites=sites, secagg=True, **options)
     with pytest.raises(FedginError, match=message):
         check_options(cfg)
+
+
+class _Proxy:
+    def __init__(self, node_id):
+        self.node_id = node_id
+
+
+class _Manager:
+    """The part of a legacy client manager ``MaskedMean.configure_fit`` uses."""
+
+    def all(self):
+        return {str(n): _Proxy(n) for n in (2, 1)}
+
+
+@pytest.mark.usefixtures("server_task_identity")
+@pytest.mark.parametrize("strategy", MEAN_STRATEGIES)
+def test_secagg_sends_the_strategys_own_train_config(tmp_path, strategy):
+    """The SecAgg+ path builds its train instruction itself (legacy FitIns): it must carry what the
+    strategy's own ``configure_train`` sends, FedProx's ``proximal-mu`` included; FedBN's local
+    layers follow from the run config's strategy, which the site reads."""
+    sites = (SiteSpec("ct", "-"), SiteSpec("mri", "-"))
+    cfg = resolve("quick", command="test", out=str(tmp_path), sites=sites, secagg=True, strategy=strategy,
+                  proximal_mu=0.25)
+    check_options(cfg)
+    reference = {"w": np.zeros(3, np.float32)}
+    made = make_strategy(strategy, num_sites=2, min_sites=2, reference=reference, proximal_mu=cfg.proximal_mu,
+                         recorder=RoundRecorder(cfg, tmp_path, log=lambda _: None),
+                         run_config_json=run_config_to_json(cfg), round_offset=4)
+    plain = [dict(m.content["config"]) for m in made.configure_train(
+        1, ArrayRecord({"w": Array(reference["w"])}), ConfigRecord(), FakeGrid([1, 2]))]
+    fit = MaskedMean(made).configure_fit(5, ndarrays_to_parameters([reference["w"]]), _Manager())
+    assert [proxy.node_id for proxy, _ in fit] == [1, 2]
+    for (_, ins), expected in zip(fit, plain):
+        assert ins.config == expected
+        assert ins.config["server-round"] == 5
+        assert json.loads(ins.config["run-config"])["strategy"] == strategy
+        assert ins.config.get("proximal-mu") == (0.25 if strategy == "fedprox" else None)

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "SIGMA x C on the sum of the updates (default 0: clipping only, no guarantee)")
     p.add_argument("--dp-mode", choices=["server", "client"], help="where updates are clipped (default server)")
     p.add_argument("--dp-delta", type=float, help="the delta at which the spent epsilon is reported (default 1e-5)")
+    p.add_argument("--dp-drop-unclipped", action="store_true", default=None,
+                   help="--dp-mode client: drop a site's update longer than C (the round then releases nothing) "
+                        "instead of stopping the run")
+    p.add_argument("--dp-insecure-seeded-noise", action="store_true", default=None,
+                   help="DEBUGGING ONLY: seed the DP noise by the run seed, so a DP run repeats; every site knows "
+                        "the seed and can remove the noise: no privacy (logged, recorded in the run)")
     p.add_argument("--secagg", action="store_true", help="Flower's SecAgg+: the server sees only the masked "
                    "sum of the sites' updates (experimental; fedavg, fedprox or fedbn; not with DP)")
     p.add_argument("--proximal-mu", type=float, help="FedProx proximal weight (default 0.01)")
@@ -315,7 +321,8 @@ def cmd_federate(args) -> int:
                   round_timeout=args.round_timeout, postprocess=args.postprocess,
                   proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map),
                   trim_beta=args.trim_beta, dp_clip=args.dp_clip, dp_noise=args.dp_noise, dp_mode=args.dp_mode,
-                  dp_delta=args.dp_delta, secagg=args.secagg or None, context=args.context)
+                  dp_delta=args.dp_delta, secagg=args.secagg or None, context=args.context,
+                  dp_drop_unclipped=args.dp_drop_unclipped, dp_insecure_seeded_noise=args.dp_insecure_seeded_noise)
     out = federate(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0

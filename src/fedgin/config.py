@@ -163,6 +163,11 @@ class RunConfig:
     dp_noise: float = 0.0
     dp_mode: str = "server"
     dp_delta: float = 1e-5
+    # debugging only: the DP noise seeded by the run seed and round, so a DP run repeats, and any
+    # site (which knows the seed) can remove it: no privacy (logged at every run, in the record)
+    dp_insecure_seeded_noise: bool = False
+    # client-side DP: drop an update longer than dp_clip instead of stopping the run
+    dp_drop_unclipped: bool = False
     # Flower's SecAgg+: the server sees only the masked sum of the sites' updates (experimental)
     secagg: bool = False
     split: str | None = None
@@ -255,6 +260,13 @@ def resolve(
         train = replace(base["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None})
     except ValueError as exc:
         raise FedginError(str(exc)) from None
+    consistency = (train_overrides or {}).get("consistency")
+    if consistency:  # asked for: the KL term needs two or more views of each slice, which need GIN
+        views = max(1, train.gin_views) + int(train.clean_view)
+        if not train.gin or views < 2:
+            why = "GIN is off (--no-gin)" if not train.gin else "each slice has one view"
+            raise FedginError(f"--consistency {consistency:g} would do nothing: {why}; it needs GIN with "
+                              "--gin-views 2 or more, or --clean-view")
     fields = {k: v for k, v in overrides.items() if v is not None}
     fields.setdefault("rounds", base["rounds"])
     fields.setdefault("local_epochs", base["local_epochs"])

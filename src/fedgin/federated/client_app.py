@@ -57,7 +57,9 @@ def resolve_site(context: Context, cfg: RunConfig) -> tuple[SiteSpec, int]:
     names = [s.name for s in cfg.sites]
     if "data-dir" in node:
         name = str(node.get("site-name") or Path(str(node["data-dir"])).name)
-        index = names.index(name) if name in names else zlib.crc32(name.encode()) % 10_000 + len(names)
+        # a site the run does not name gets an index from its name (the server refuses two nodes
+        # that report the same index: two unnamed sites with equally named data folders)
+        index = names.index(name) if name in names else zlib.crc32(name.encode()) + len(names)
         return SiteSpec(name, str(node["data-dir"]), node.get("modality") or None), index
     pid = int(node["partition-id"])
     return cfg.sites[pid], pid
@@ -119,9 +121,10 @@ def save_optimizer_state(context: Context, cfg: RunConfig, site: SiteSpec, serve
     context.state[OPTIMIZER_KEY] = ConfigRecord({"round": int(server_round), "state": blob})
     path = _optimizer_path(context, cfg, site, server_round)
     write_bytes(path, blob)
-    keep_from = _optimizer_path(context, cfg, site, server_round - 1).name
+    # by round number, not name: past round 999 the names grow a digit ("1000" < "999" as text)
     for old in path.parent.glob("optimizer_round_*.pt"):
-        if old.name < keep_from:
+        number = old.stem.removeprefix("optimizer_round_")
+        if number.isdigit() and int(number) < server_round - 1:
             old.unlink(missing_ok=True)
 
 

@@ -26,13 +26,20 @@ def _clean(value: float) -> float | None:
 
 
 def privacy_words(record: dict) -> str:
-    """A differential-privacy record of ``metrics.jsonl`` (``privacy``) in one line."""
+    """A differential-privacy record of ``metrics.jsonl`` (``privacy``) in one line: the spent
+    epsilon, the neighbouring relation it holds for, and where the noise came from."""
+    insecure = "--dp-insecure-seeded-noise" in str(record.get("noise_source", ""))
+    warning = "; NO PRIVACY: the noise was seeded (--dp-insecure-seeded-noise), any site can remove it" \
+        if insecure else ""
     if record["epsilon"] is None:
         return (f"differential privacy: updates clipped to {record['clipping_norm']:g} ({record['mode']}-side), "
-                "no noise (--dp-noise 0): no privacy guarantee")
+                f"no noise (--dp-noise 0): no privacy guarantee{warning}")
+    relation = record.get("neighbouring", "add-or-remove-one site (fedgin before replace-one accounting)")
+    sensitivity = f", sensitivity {record['sensitivity']:.4g} of the mean" if "sensitivity" in record else ""
+    source = f"; noise from {record['noise_source']}" if "noise_source" in record and not insecure else ""
     return (f"differential privacy: epsilon {record['epsilon']:.4g} at delta {record['delta']:g} after "
-            f"{record['releases']} round(s) (noise multiplier {record['noise_multiplier']:g}, "
-            f"clip {record['clipping_norm']:g}, {record['mode']}-side clipping; Flower's RDP accountant)")
+            f"{record['releases']} round(s) ({relation}{sensitivity}; noise multiplier {record['noise_multiplier']:g}, "
+            f"clip {record['clipping_norm']:g}, {record['mode']}-side clipping; Flower's RDP accountant{source}){warning}")
 
 
 class RoundRecorder:

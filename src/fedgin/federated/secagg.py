@@ -31,6 +31,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from ..config import RunConfig
+from ..errors import FedginError
 from .strategy import FedginMixin
 from .task import restore_dtypes
 
@@ -57,7 +58,10 @@ class MaskedMean(LegacyStrategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        config = self.strategy._config(ConfigRecord(), server_round - self.strategy.round_offset)
+        # the strategy's own train config (FedProx's proximal-mu) as configure_train would send it;
+        # FedBN's local layers follow from the run config's strategy at the site
+        config = self.strategy._config(ConfigRecord(self.strategy.train_config()),
+                                       server_round - self.strategy.round_offset)
         proxies = sorted(client_manager.all().values(), key=lambda p: p.node_id)
         return [(proxy, FitIns(parameters, dict(config))) for proxy in proxies]
 
@@ -98,7 +102,10 @@ def run_secagg(grid: Grid, context: Context, cfg: RunConfig, strategy: FedginMix
     try:
         for relative in range(1, cfg.rounds - done + 1):
             absolute = relative + done
-            manager.wait_for(strategy.min_sites, timeout=int(cfg.round_timeout))
+            if not manager.wait_for(strategy.min_sites, timeout=int(cfg.round_timeout)):
+                raise FedginError(f"round {absolute}: fewer than the {strategy.min_sites} site(s) a round needs "
+                                  f"(--min-sites) connected within {cfg.round_timeout:g} s (--round-timeout); "
+                                  "the run stops")
             # every site holds a share of every other site's key; two thirds of the shares (at
             # least 2) unmask a site that dropped out mid-round
             workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.67, max_weight=max_weight,

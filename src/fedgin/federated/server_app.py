@@ -7,7 +7,7 @@ data), ``out`` (an absolute path), ``rounds``, ``local-epochs``, ``strategy``, `
 ``seed``, ``min-sites`` (0: every site); GIN-recipe keys (``""``: the preset's)
 ``gin-views``, ``clean-view``, ``consistency``, ``ipa``, ``gin-p``, ``lr-schedule``; privacy and
 robustness keys (``""``: off or the default) ``dp-clip``, ``dp-noise``, ``dp-mode``, ``dp-delta``,
-``trim-beta``, ``secagg``. See docs/deployment.md.
+``dp-drop-unclipped``, ``dp-insecure-seeded-noise`` (debugging only: no privacy), ``trim-beta``, ``secagg``. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ RECIPE_KEYS = {"gin-views": ("gin_views", int), "clean-view": ("clean_view", boo
                "lr-schedule": ("lr_schedule", str), "compile": ("compile", bool)}
 #: optional run-config keys -> the RunConfig field and type they set
 FEDERATION_KEYS = {"dp-clip": ("dp_clip", float), "dp-noise": ("dp_noise", float), "dp-mode": ("dp_mode", str),
-                   "dp-delta": ("dp_delta", float), "trim-beta": ("trim_beta", float), "secagg": ("secagg", bool)}
+                   "dp-delta": ("dp_delta", float), "trim-beta": ("trim_beta", float), "secagg": ("secagg", bool),
+                   "dp-insecure-seeded-noise": ("dp_insecure_seeded_noise", bool),
+                   "dp-drop-unclipped": ("dp_drop_unclipped", bool)}
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
@@ -106,7 +108,7 @@ def run_server(grid: Grid, cfg: RunConfig, log=print, context: Context | None = 
         reference=reference, run_config_json=run_config_to_json(cfg),
         local_keys=frozenset(norm_layer_keys(model)) if cfg.strategy == "fedbn" else frozenset(),
         proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr, round_offset=done,
-        trim_beta=cfg.trim_beta, uniform_weights=private,
+        trim_beta=cfg.trim_beta, uniform_weights=private, connect_timeout=cfg.round_timeout,
     )
     if private:
         strategy = make_private(strategy, cfg, num_sites)

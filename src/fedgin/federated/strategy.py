@@ -5,6 +5,7 @@ privacy wraps these in :mod:`fedgin.federated.privacy`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -49,10 +50,18 @@ def check_options(cfg) -> None:
                               "API, its DP wrappers on the Message API")
         if n < 2:
             raise FedginError("--secagg needs at least 2 sites")
+    if cfg.min_sites is not None and cfg.min_sites > n:
+        raise FedginError(f"--min-sites {cfg.min_sites} is more than the run's {n} site(s): no round could start")
     if cfg.dp_clip is None:
         if cfg.dp_noise:
             raise FedginError("--dp-noise needs --dp-clip (the L2 bound the noise is scaled to)")
+        for flag, on in (("--dp-insecure-seeded-noise", cfg.dp_insecure_seeded_noise),
+                         ("--dp-drop-unclipped", cfg.dp_drop_unclipped)):
+            if on:
+                raise FedginError(f"{flag} needs --dp-clip (differential privacy)")
         return
+    if cfg.dp_drop_unclipped and cfg.dp_mode != "client":
+        raise FedginError("--dp-drop-unclipped goes with --dp-mode client (in server mode the server clips)")
     if not cfg.dp_clip > 0 or not cfg.dp_noise >= 0:
         raise FedginError(f"--dp-clip must be > 0 and --dp-noise >= 0, got {cfg.dp_clip} and {cfg.dp_noise}")
     if cfg.dp_mode not in DP_MODES:
@@ -88,6 +97,7 @@ class FedginMixin:
     reference: dict[str, np.ndarray]
     run_config_json: str
     min_sites: int
+    connect_timeout: float = 1800.0
     round_offset: int = 0
     local_keys: frozenset[str] = frozenset()
     num_sites: int = 0
@@ -100,7 +110,25 @@ class FedginMixin:
         config["server-round"] = server_round + self.round_offset
         return config
 
+    def train_config(self) -> dict:
+        """What this strategy adds to each train instruction's config (FedProx: ``proximal-mu``);
+        SecAgg+'s path, which does not go through ``configure_train``, sends it too."""
+        return {}
+
+    def wait_for_sites(self, grid, server_round: int) -> None:
+        """Wait up to ``connect_timeout`` seconds for the sites a round needs (Flower itself would
+        wait forever); then stop the run in one line."""
+        needed = max(int(getattr(self, "min_available_nodes", self.min_sites)), self.min_sites)
+        deadline = time.monotonic() + self.connect_timeout
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            if time.monotonic() >= deadline:
+                raise FedginError(f"round {server_round + self.round_offset}: {connected} of the {needed} site(s) a "
+                                  f"round needs (--min-sites) connected within {self.connect_timeout:g} s "
+                                  "(--round-timeout); the run stops")
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.wait_for_sites(grid, server_round)
         messages = list(super().configure_train(server_round + self.round_offset, arrays,
                                                 self._config(config, server_round), grid))
         # kept to tell, after the round, which node each reply answers and which node never
@@ -112,6 +140,7 @@ class FedginMixin:
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.wait_for_sites(grid, server_round)
         return super().configure_evaluate(server_round + self.round_offset, arrays,
                                           self._config(config, server_round), grid)
 
@@ -126,8 +155,15 @@ class FedginMixin:
         # node the instruction went to
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self.train_sent if m.metadata.message_id}
         node_of = {id(r): sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+        reported: dict[int, int] = {}  # site index -> the node that reported it this round
         for r in valid:
-            self.node_sites[node_of[id(r)]] = int(r.content["metrics"]["site-index"])
+            index, node = int(r.content["metrics"]["site-index"]), node_of[id(r)]
+            if reported.setdefault(index, node) != node:
+                first, second = sorted((reported[index], node))
+                raise FedginError(f"round {absolute}: nodes {first} and {second} both report site-index "
+                                  f"{index} ({self.recorder.site_name(index)}): give each SuperNode its own "
+                                  "site-name (--node-config \"site-name=NAME ...\"); the run stops")
+            self.node_sites[node] = index
         failures = [f"{self._node_name(node_of[id(r)])}: {_error_line(r)}" for r in replies if r.has_error()]
         # a node that died or hangs sends nothing: Flower stops waiting at the round timeout
         answered = set(node_of.values())
@@ -223,6 +259,9 @@ class FedginFedAvg(FedginMixin, FedAvg):
 class FedginFedProx(FedginMixin, FedProx):
     """FedProx: clients add ``mu / 2 * ||w - w_global||^2`` (``proximal-mu`` sent each round)."""
 
+    def train_config(self) -> dict:
+        return {"proximal-mu": float(self.proximal_mu)}
+
 
 class FedginFedAdam(FedginMixin, FedAdam):
     """FedAdam: server-side Adam on the averaged update (BatchNorm statistics averaged plainly)."""
@@ -249,9 +288,10 @@ def trim_fraction(beta: float | None, num_sites: int) -> float:
 def make_strategy(name: str, *, num_sites: int, min_sites: int, recorder: RoundRecorder,
                   reference: dict[str, np.ndarray], run_config_json: str, local_keys: frozenset[str] = frozenset(),
                   proximal_mu: float = 0.01, server_lr: float = 0.01, round_offset: int = 0,
-                  trim_beta: float | None = None, uniform_weights: bool = False):
+                  trim_beta: float | None = None, uniform_weights: bool = False, connect_timeout: float = 1800.0):
     """A configured strategy; every site trains and evaluates each round. ``uniform_weights``:
-    every site counts the same in the mean (differential privacy), not by its training slices."""
+    every site counts the same in the mean (differential privacy), not by its training slices.
+    ``connect_timeout``: how long a round waits for ``min_sites`` connected sites."""
     # rounds go to every connected site; with min_sites < num_sites a round also starts (and
     # completes) with only min_sites of them, so a lost site does not stop the federation
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_sites,
@@ -280,4 +320,5 @@ def make_strategy(name: str, *, num_sites: int, min_sites: int, recorder: RoundR
     strategy.node_sites = {}
     strategy.round_offset = round_offset
     strategy.local_keys = local_keys
+    strategy.connect_timeout = float(connect_timeout)
     return strategy
