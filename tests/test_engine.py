@@ -415,7 +415,7 @@ def test_predict_folder_keeps_lps_anisotropic_and_oblique_grids(capsys, tmp_path
     rc, stdout, err = cli(capsys, "predict", "-i", inputs, "-o", out, "--model", ct_model, "--masks")
     assert rc == 0, err
     cases = ("aniso", "lps", "oblique", "permuted")
-    expected = {"labels.json", "provenance.json"}
+    expected = {"labels.json", "provenance.json", "qa.html", "qa.npz"}
     for case in cases:
         expected |= {f"{case}.nii.gz"} | {f"{case}_{organ}.nii.gz" for organ in ABDOMEN5}
     assert {p.name for p in out.iterdir()} == expected
@@ -497,7 +497,7 @@ def test_predict_with_an_abdomen6_checkpoint_writes_7_labels(capsys, tmp_path, s
     assert json.loads((out / "labels.json").read_text()) == label_ids(ABDOMEN6)
     labels = assert_same_grid(out / "phantom_ct_000.nii.gz", src)
     assert labels.max() == 6 and set(np.unique(labels)) <= set(range(7))
-    assert {p.name for p in out.iterdir()} == {"labels.json", "provenance.json", "phantom_ct_000.nii.gz"} | {
+    assert {p.name for p in out.iterdir()} == {"labels.json", "provenance.json", "phantom_ct_000.nii.gz", "qa.html", "qa.npz"} | {
         f"phantom_ct_000_{o}.nii.gz" for o in ABDOMEN6}
     assert json.loads((out / "provenance.json").read_text())["scheme"]["name"] == "abdomen6"
 
@@ -621,7 +621,7 @@ def test_predict_saves_probabilities_on_the_input_grid(capsys, tmp_path, sites, 
                      "--no-postprocess", "--save-probabilities")
     assert rc == 0, err
     assert {p.name for p in (tmp_path / "probs").iterdir()} == {
-        "labels.json", "provenance.json", "lps.nii.gz", "lps.npz", "permuted.nii.gz", "permuted.npz"}
+        "labels.json", "provenance.json", "lps.nii.gz", "lps.npz", "permuted.nii.gz", "permuted.npz", "qa.html", "qa.npz"}
     assert not any(p.suffix == ".npz" for p in (tmp_path / "raw").iterdir())
     assert json.loads((tmp_path / "probs" / "provenance.json").read_text())["arguments"]["save_probabilities"]
     for case in ("lps", "permuted"):
