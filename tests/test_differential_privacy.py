@@ -301,7 +301,7 @@ def test_a_run_with_dp_records_its_epsilon_and_its_noise_is_not_repeatable(phant
     expected = [epsilon_after(r, 0.01, 2, 1e-5) for r in (1, 2)]
     assert f"differential privacy: epsilon {expected[1]:.4g} at delta 1e-05 after 2 round(s) (replace-one site" \
         in outputs[0]
-    assert "WARNING" not in outputs[0]
+    assert "WARNING: --dp-insecure-seeded-noise" not in outputs[0]  # fresh noise: no insecure-noise warning
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["privacy"]["epsilon"]) for r in lines] == \
         [(1, pytest.approx(expected[0])), (1, pytest.approx(expected[0])),
