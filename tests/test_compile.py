@@ -205,7 +205,9 @@ def test_a_second_process_loads_the_compiled_step_from_the_disk_cache(phantom_da
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert all(r["compiled"] for r in runs)
     assert runs[0]["loss"] == runs[1]["loss"]  # the cached code computes what the fresh one did
-    assert runs[1]["first_step_s"] < min(10.0, runs[0]["first_step_s"] / 3), runs
+    # a ratio within one run (absolute times swing with the machine's load): loading the cached
+    # code is a fraction of compiling it
+    assert runs[1]["first_step_s"] < runs[0]["first_step_s"] / 3, runs
 
 
 def test_compiled_prediction_gives_the_same_labels_on_a_phantom(site, compiled_training):
