@@ -29,8 +29,8 @@ from fedgin.data.preprocess import PreprocessConfig
 from fedgin.data.sites import CaseData
 from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.engine.model import ModelConfig, build_model
-from fedgin.engine.postprocess import (PostprocessPlan, candidate_plan, decide_plan, keep_largest_components,
-                                validation_scores)
+from fedgin.engine.postprocess import (SIDE_OF_BODY, BodySide, PostprocessPlan, body_side, candidate_plan,
+                                      decide_plan, keep_largest_components, validation_scores)
 from fedgin.engine.runs import decide_postprocessing
 from fedgin.engine.trainer import Trainer
 from fedgin.errors import ModelError
@@ -135,7 +135,8 @@ def test_plan_round_trips_and_refuses_what_it_cannot_apply():
     plan = PostprocessPlan({"liver": 1, "kidneys": 2, "spleen": 0})
     assert plan.components == {"liver": 1, "kidneys": 2}  # 0: not post-processed
     assert repr(plan) == "PostprocessPlan(liver=1, kidneys=2)"
-    assert plan.to_dict() == {"keep_largest_components": {"liver": 1, "kidneys": 2}, "connectivity": 26}
+    assert plan.to_dict() == {"keep_largest_components": {"liver": 1, "kidneys": 2}, "side_of_body": {},
+                              "connectivity": 26}
     assert PostprocessPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     assert PostprocessPlan.from_dict(None).empty and PostprocessPlan.from_dict({}).empty
     labels = organ_map(speck=1)
@@ -148,10 +149,82 @@ def test_plan_round_trips_and_refuses_what_it_cannot_apply():
         PostprocessPlan.from_dict({"keep_largest_components": {"liver": 1}, "connectivity": 6})
 
 
+def _blob(shape, centre, radius) -> np.ndarray:
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["ras-voxels", "lps-voxels"])
+def test_a_lateral_organ_keeps_its_largest_component_on_its_side_of_the_body(flip):
+    """The wrong "spleen" in the liver is larger than the true one on the left: size alone keeps
+    the wrong blob (Dice 0, HD95 over the body's width), the side rule the true one; the liver and
+    each kidney likewise. Sides are world RAS x (+x the patient's right), whatever the voxel order."""
+    shape = (60, 40, 20)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    if flip:  # the first voxel axis runs to the patient's left (DICOM's LPS order)
+        affine[0, 0], affine[0, 3] = -2.0, 118.0
+    # the body fills the grid; its midline is the grid's centre, world x 59
+    image = np.full(shape, 40.0, np.float32)
+    body = body_side(image, affine, "CT")
+    assert body.midline_x == pytest.approx(59.0)
+    right = (lambda i: 59 - i) if flip else (lambda i: i)  # voxel index i -> i on the right-hand side
+    spleen_id, liver_id, kidney_id = (ABDOMEN5.label_ids[o] for o in ("spleen", "liver", "kidneys"))
+    labels = np.zeros(shape, np.uint8)
+    labels[_blob(shape, (right(45), 20, 10), 7)] = spleen_id  # wrong, right of the midline, larger
+    labels[_blob(shape, (right(8), 20, 10), 4)] = spleen_id   # true, left
+    labels[_blob(shape, (right(8), 5, 10), 3)] = liver_id     # wrong, left, larger than ...
+    labels[_blob(shape, (right(40), 5, 10), 2)] = liver_id    # ... the true one (right)
+    for x, r in ((right(42), 3), (right(54), 3), (right(15), 2)):  # two kidneys right, one left
+        labels[_blob(shape, (x, 35, 5 + 2 * r), r)] = kidney_id
+    plan = candidate_plan(ABDOMEN5)
+    assert dict(plan.sides) == {"liver": "right", "gallbladder": "right", "spleen": "left", "kidneys": "both"}
+
+    by_size = PostprocessPlan(ABDOMEN5.expected_components).apply(labels, ABDOMEN5, body)
+    assert by_size[_blob(shape, (right(45), 20, 10), 7)].max() == spleen_id  # size keeps the wrong one
+    sided = plan.apply(labels, ABDOMEN5, body)
+    assert (sided[_blob(shape, (right(8), 20, 10), 4)] == spleen_id).all()
+    assert not (sided[_blob(shape, (right(45), 20, 10), 7)] == spleen_id).any()
+    assert (sided[_blob(shape, (right(40), 5, 10), 2)] == liver_id).all()
+    assert not (sided[_blob(shape, (right(8), 5, 10), 3)] == liver_id).any()
+    kept = [bool((sided[_blob(shape, (x, 35, 5 + 2 * r), r)] == kidney_id).all())
+            for x, r in ((right(42), 3), (right(54), 3), (right(15), 2))]
+    assert kept.count(True) == 2 and kept[2]  # one right kidney and the left one
+    # without the case's body (a preprocessed plane) the rule is size alone
+    assert np.array_equal(plan.apply(labels, ABDOMEN5), by_size)
+
+
+def test_the_side_rule_falls_back_to_size_and_the_plan_records_it():
+    """An organ with no component on its side keeps its largest (as before); the sides travel in
+    the plan (old plans without them load as size-only) and only for organs it post-processes."""
+    shape = (40, 20, 10)
+    body = BodySide(tuple(tuple(r) for r in np.eye(4)), midline_x=19.5)
+    labels = np.zeros(shape, np.uint8)
+    spleen = ABDOMEN5.label_ids["spleen"]
+    labels[_blob(shape, (30, 10, 5), 3)] = spleen  # both on the right
+    labels[_blob(shape, (38, 10, 5), 2)] = spleen
+    out = candidate_plan(ABDOMEN5).apply(labels, ABDOMEN5, body)
+    assert (out[_blob(shape, (30, 10, 5), 3)] == spleen).all() and not (out[_blob(shape, (38, 10, 5), 2)] == spleen).any()
+    plan = PostprocessPlan({"liver": 1, "spleen": 1}, SIDE_OF_BODY)
+    assert dict(plan.sides) == {"liver": "right", "spleen": "left"}
+    assert plan.to_dict()["side_of_body"] == {"liver": "right", "spleen": "left"}
+    assert PostprocessPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert PostprocessPlan.from_dict({"keep_largest_components": {"liver": 1}}).sides == ()
+    with pytest.raises(ValueError, match="right, left or both"):
+        PostprocessPlan({"liver": 1}, {"liver": "up"})
+
+
+def test_body_side_finds_the_midline_of_an_mri_body_off_centre():
+    image = np.zeros((50, 30, 12), np.float32)
+    image[30:46, 5:25, :] = 200.0  # the body in voxels 30-45 along x
+    image += np.random.default_rng(0).normal(0, 1, image.shape).astype(np.float32)  # background noise
+    body = body_side(image, np.diag([1.5, 1.5, 4.0, 1.0]), "MRI", slab=5)
+    assert body.midline_x == pytest.approx(1.5 * 37.5, abs=0.1)
+
+
 def test_decide_plan_keeps_postprocessing_only_where_it_does_not_lower_dice():
     plain = {"liver": 0.80, "kidneys": 0.70, "spleen": 0.90, "pancreas": None, "gallbladder": float("nan")}
     pp = {"liver": 0.85, "kidneys": 0.70, "spleen": 0.89, "pancreas": 0.5, "gallbladder": 0.9}
-    assert decide_plan(plain, pp, ABDOMEN5) == PostprocessPlan({"liver": 1, "kidneys": 2})  # tie keeps
+    assert decide_plan(plain, pp, ABDOMEN5) == PostprocessPlan({"liver": 1, "kidneys": 2}, SIDE_OF_BODY)  # tie keeps
     assert decide_plan({}, {}, ABDOMEN5).empty
     assert decide_plan({"liver": 0.5}, {}, ABDOMEN5).empty  # no pp score: no post-processing
 
@@ -184,7 +257,7 @@ def test_validation_scores_without_and_with_the_candidate():
     assert plain["spleen"] == pp["spleen"] == 0.0
     assert plain["pancreas"] is None and pp["pancreas"] is None  # absent from both
     assert plain["gallbladder"] is None and pp["gallbladder"] is None  # not annotated
-    assert decide_plan(plain, pp, ABDOMEN5) == PostprocessPlan({"liver": 1, "kidneys": 2, "spleen": 1})
+    assert decide_plan(plain, pp, ABDOMEN5) == PostprocessPlan({"liver": 1, "kidneys": 2, "spleen": 1}, SIDE_OF_BODY)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -233,7 +306,8 @@ def test_predict_applies_the_checkpoints_plan_unless_told_not_to(capsys, tmp_pat
     assert liver_mask[SPECK] == 0
     args = json.loads((tmp_path / "pp" / "provenance.json").read_text())["arguments"]
     assert args["postprocess"] is True
-    assert args["postprocess_plan"] == {"keep_largest_components": {"liver": 1}, "connectivity": 26}
+    assert args["postprocess_plan"] == {"keep_largest_components": {"liver": 1}, "side_of_body": {},
+                                        "connectivity": 26}
 
     rc, _, err = cli(capsys, "predict", "-i", src, "-o", tmp_path / "raw", "--model", model, "--no-postprocess")
     assert rc == 0, err
@@ -374,7 +448,7 @@ def test_the_server_decides_from_the_sites_weighted_validation_dice(tmp_path):
         return json.loads((out / "postprocess.json").read_text())
 
     record = run_round(tmp_path)
-    expected = PostprocessPlan({"liver": 1, "kidneys": 2, "pancreas": 1})  # kidneys: a tie keeps it
+    expected = PostprocessPlan({"liver": 1, "kidneys": 2, "pancreas": 1}, SIDE_OF_BODY)  # kidneys: a tie keeps it
     assert PostprocessPlan.from_dict(record["plan"]) == expected
     dice = record["validation_dice"]
     assert dice["liver"]["plain"] == pytest.approx(0.75) and dice["liver"]["postprocessed"] == pytest.approx(0.775)

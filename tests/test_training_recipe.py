@@ -266,3 +266,24 @@ def test_without_gin_the_views_setting_changes_nothing(sites, tmp_path):
         trainer = Trainer(build_model(tiny_config(tmp_path, {}).model), cfg, SCHEME, torch.device("cpu"), seed=0)
         losses.append([r.loss for r in trainer.fit(site.train, 2)])
     assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("command", ["train", "federate", "experiment"])
+def test_without_preset_a_command_gets_the_converged_budget(command):
+    """The default is the measured budget (docs/results/time_to_accuracy.json: validation Dice within
+    0.01 of its plateau by 4800-6400 steps per site), 6000 steps per site; ``quick`` is the same
+    recipe with a sixth of them."""
+    from fedgin.cli import build_parser
+    from fedgin.config import DEFAULT_PRESET, PRESETS
+
+    extra = {"train": ["--mode", "local"], "federate": [],
+             "experiment": ["--scenario", "complete", "--methods", "fedgin"]}[command]
+    args = build_parser().parse_args([command, "--site", "ct=/data", "--out", "/run", *extra])
+    assert args.preset == DEFAULT_PRESET == "standard"
+    standard, quick = PRESETS["standard"], PRESETS["quick"]
+    per_site = standard["rounds"] * standard["local_epochs"] * standard["train"].steps_per_epoch
+    assert per_site == standard["train"].epochs * standard["train"].steps_per_epoch == 6000
+    assert quick["rounds"] * 6 == standard["rounds"]
+    # the same recipe: model, grid and everything but the budget
+    assert standard["model"] == quick["model"] and standard["preprocess"] == quick["preprocess"]
+    assert replace(standard["train"], epochs=quick["train"].epochs) == quick["train"]

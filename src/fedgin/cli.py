@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import STRATEGIES
+from .config import DEFAULT_PRESET, PRESET_HELP, PRESETS, STRATEGIES
 from .data.labels import parse_label_map
 from .errors import DataError, FedginError
 
@@ -79,8 +79,7 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", action="append", type=_site, required=True, metavar="NAME=DATASET",
                    help="a site and its dataset folder (repeat per site)")
     p.add_argument("--out", required=True, help="run dir to create")
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                   help="quick: sized for 2 CPU cores; paper: FedGIN's settings for a GPU")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=PRESET_HELP)
     p.add_argument("--scheme", default="abdomen5", choices=["abdomen5", "abdomen6"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gin", dest="gin", action="store_true", default=None, help="GIN on training batches")
@@ -204,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and those with -pNN (NN%% of training slices through GIN), e.g. fedgin+ipa-p50")
     p.add_argument("--seeds", type=POSITIVE_INT, default=1)
     p.add_argument("--out", required=True)
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"])
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=PRESET_HELP)
     p.add_argument("--rounds", type=POSITIVE_INT, help="rounds (local/centralized: rounds x local epochs epochs)")
     p.add_argument("--local-epochs", type=POSITIVE_INT)
     p.add_argument("--steps-per-epoch", type=POSITIVE_INT)

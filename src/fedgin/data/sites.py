@@ -59,6 +59,7 @@ class ValidationCase:
     reference: np.ndarray
     annotated: np.ndarray
     ref: CaseRef
+    body: "BodySide | None" = None  # the post-processing's side rule (fedgin.engine.postprocess)
 
 
 @dataclass
@@ -97,12 +98,14 @@ def load_validation_case(ref: CaseRef, scheme: LabelScheme, cfg: PreprocessConfi
                          cache_dir: Path | None) -> ValidationCase:
     """``ref`` as :class:`ValidationCase`: its image preprocessed alone (through the cache, read a
     slice at a time) and its label on the input grid."""
+    from ..engine.postprocess import body_side
+
     pre = load_case(ref, scheme, cfg, cache_dir, in_memory=False, image_only=True)
-    reference, _ = ref.read_label()
+    image, reference, affine = ref.read(scheme)
     if reference is None:
         raise DataError(ref.image, "validation cases need a label")
     return ValidationCase(ref.case_id, ref.modality, pre.image, pre.geometry, reference,
-                          annotated_mask(ref, scheme), ref)
+                          annotated_mask(ref, scheme), ref, body_side(image, affine, ref.modality))
 
 
 def load_site(

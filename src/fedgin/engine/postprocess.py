@@ -11,6 +11,15 @@ is at least the Dice without it (:func:`decide_plan`). The plan travels inside t
 Components are 26-connected (full 3D connectivity, ``skimage.measure.label``'s default): a part
 of an organ that touches the rest only along an edge or corner (thin structures on coarse or
 anisotropic grids) stays part of it, so the rule only removes what is truly detached.
+
+Anatomy picks the component, not size alone (:data:`SIDE_OF_BODY`): the largest component of a
+wrong prediction can be a far-away blob while the organ itself is a smaller one (a "spleen" in the
+liver, HD95 over 150 mm). The liver and the gallbladder lie right of the body's midline, the spleen
+left of it, one kidney on each side; so a lateral organ keeps its largest component(s) *on its side
+of the body* (centroid in world RAS x against the body's centroid, :func:`body_side`), and only
+when there are too few there the largest of the rest, as before. The rule needs the case's affine
+and image (:class:`BodySide`); without them (a preprocessed plane in tests) it is the plain
+largest-component rule.
 """
 
 from __future__ import annotations
@@ -36,12 +45,65 @@ _STRUCTURE = ndimage.generate_binary_structure(3, 3)
 
 #: The decision rule, as written next to every decision.
 RULE = ("per organ: keep its largest connected components (26-connected; as many as the structures "
-        "its class holds) where the mean validation Dice with it is >= the Dice without it")
+        "its class holds; a lateral organ the largest on its side of the body's midline) where the "
+        "mean validation Dice with it is >= the Dice without it")
+
+#: Where an organ lies, left or right of the body's midline ("both": one structure on each side);
+#: RAS world x grows to the patient's right. The midline (the body's centroid) is far from each
+#: of these on the bundle's 23 cases: liver 30-95 mm right of it, spleen 45-110 mm left, kidneys
+#: 25-70 mm each side. Organs not named (pancreas, which crosses the midline) keep the largest.
+SIDE_OF_BODY = {"liver": "right", "gallbladder": "right", "spleen": "left", "kidneys": "both",
+                "kidney_right": "right", "kidney_left": "left"}
 
 
-def keep_largest_components(labels: np.ndarray, label_id: int, n: int) -> np.ndarray:
+@dataclass(frozen=True)
+class BodySide:
+    """What the side rule needs of a case: its voxel-to-RAS ``affine`` and the world RAS x (mm) of
+    its body's centroid, ``midline_x``."""
+
+    affine: tuple[tuple[float, ...], ...]
+    midline_x: float
+
+    def lateral_mm(self, voxel_centroids: np.ndarray) -> np.ndarray:
+        """Signed distance (mm) of voxel points (``N x 3``) right of the midline (< 0: left)."""
+        row = np.asarray(self.affine, dtype=np.float64)[0]
+        return voxel_centroids @ row[:3] + row[3] - self.midline_x
+
+
+def body_side(image: np.ndarray, affine: np.ndarray, modality: str, *, slab: int = 32) -> BodySide:
+    """The :class:`BodySide` of an image on its input grid (``X x Y x Z``): its body is CT above
+    -500 HU, MRI above 5% of its 0.5-99.5 percentile range (percentiles of a strided sample), and
+    the midline the body's centroid. The mask is built a slab of the last axis at a time, so a
+    clinical CT costs no full-size copy."""
+    image = np.asarray(image)
+    if modality == "CT":
+        threshold = -500.0
+    else:
+        sample = image.reshape(-1)[:: max(1, image.size // 2_000_000)]
+        lo, hi = np.percentile(sample, (0.5, 99.5))
+        threshold = lo + 0.05 * (hi - lo)
+    sums, count = np.zeros(3), 0
+    grids = [np.arange(n, dtype=np.float64) for n in image.shape]
+    for z0 in range(0, image.shape[2], slab):
+        mask = image[:, :, z0:z0 + slab] > threshold
+        n = int(mask.sum())
+        if not n:
+            continue
+        count += n
+        sums[0] += (mask.sum(axis=(1, 2)) * grids[0]).sum()
+        sums[1] += (mask.sum(axis=(0, 2)) * grids[1]).sum()
+        sums[2] += (mask.sum(axis=(0, 1)) * grids[2][z0:z0 + slab]).sum()
+    centre = sums / count if count else (np.asarray(image.shape, dtype=np.float64) - 1) / 2
+    affine = np.asarray(affine, dtype=np.float64)
+    return BodySide(tuple(tuple(float(v) for v in r) for r in affine), float(affine[0, :3] @ centre + affine[0, 3]))
+
+
+def keep_largest_components(labels: np.ndarray, label_id: int, n: int, *, side: str | None = None,
+                            body: BodySide | None = None) -> np.ndarray:
     """A copy of the label map ``labels`` (``X x Y x Z``, any integer dtype, any grid) where label
     ``label_id`` keeps only its ``n`` largest 26-connected components; the rest become background 0.
+    With ``side`` ("right", "left", "both") and the case's ``body``, the components kept are the
+    largest on that side of the body's midline (see the module docstring).
 
     Other labels are untouched; equal-sized components are ranked by their first voxel in C order,
     so the result is deterministic.
@@ -56,9 +118,30 @@ def keep_largest_components(labels: np.ndarray, label_id: int, n: int) -> np.nda
     if count <= n:
         return out
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    keep = np.argsort(-sizes, kind="stable")[:n] + 1  # component ids, largest first
-    out[mask & ~np.isin(components, keep)] = 0
+    order = np.argsort(-sizes, kind="stable")  # component indices, largest first
+    if side is None or body is None:
+        keep = order[:n]
+    else:
+        lateral = body.lateral_mm(np.asarray(ndimage.center_of_mass(mask, components, np.arange(1, count + 1)),
+                                             dtype=np.float64).reshape(count, 3))
+        keep = _on_its_side(order, lateral, side, n)
+    out[mask & ~np.isin(components, np.asarray(keep) + 1)] = 0
     return out
+
+
+def _on_its_side(order: np.ndarray, lateral: np.ndarray, side: str, n: int) -> list[int]:
+    """``n`` components (indices, ``order`` largest first): the largest on ``side`` ("both": the
+    largest on each side first), then the largest of the rest."""
+    wanted = {"right": [lateral > 0], "left": [lateral < 0], "both": [lateral > 0, lateral < 0]}[side]
+    keep: list[int] = []
+    for on_side in wanted * n:  # "both" with n = 2: right, left, right, left
+        if len(keep) == n:
+            break
+        pick = next((int(i) for i in order if on_side[i] and int(i) not in keep), None)
+        if pick is not None:
+            keep.append(pick)
+    keep += [int(i) for i in order if int(i) not in keep][: n - len(keep)]
+    return keep
 
 
 @dataclass(frozen=True)
@@ -66,10 +149,13 @@ class PostprocessPlan:
     """Which organs keep only their largest connected components, and how many.
 
     ``keep_largest`` maps organ name -> number of components kept (a mapping or ``(organ, n)``
-    pairs; 0 or absent: no post-processing for that organ). The empty plan changes nothing.
+    pairs; 0 or absent: no post-processing for that organ). ``sides`` maps a post-processed organ
+    to the side of the body its components are chosen on (:data:`SIDE_OF_BODY`; absent: by size
+    alone, as plans written before the side rule). The empty plan changes nothing.
     """
 
     keep_largest: tuple[tuple[str, int], ...] = ()
+    sides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         items = self.keep_largest.items() if isinstance(self.keep_largest, Mapping) else self.keep_largest
@@ -80,6 +166,12 @@ class PostprocessPlan:
             if n:
                 pairs.append((str(organ), int(n)))
         object.__setattr__(self, "keep_largest", tuple(pairs))
+        sides = dict(self.sides.items() if isinstance(self.sides, Mapping) else self.sides)
+        for organ, side in sides.items():
+            if side not in ("right", "left", "both"):
+                raise ValueError(f"post-processing of {organ}: side must be right, left or both, got {side!r}")
+        # in the order of keep_largest; an organ left alone has no side to choose on
+        object.__setattr__(self, "sides", tuple((o, str(sides[o])) for o, _ in pairs if o in sides))
 
     @property
     def components(self) -> dict[str, int]:
@@ -91,10 +183,13 @@ class PostprocessPlan:
         return not self.keep_largest
 
     def __repr__(self) -> str:
-        return f"PostprocessPlan({', '.join(f'{o}={n}' for o, n in self.keep_largest)})"
+        sides = dict(self.sides)
+        kept = (f"{o}={n}" + (f" ({sides[o]})" if o in sides else "") for o, n in self.keep_largest)
+        return f"PostprocessPlan({', '.join(kept)})"
 
     def to_dict(self) -> dict:
-        return {"keep_largest_components": self.components, "connectivity": CONNECTIVITY}
+        return {"keep_largest_components": self.components, "side_of_body": dict(self.sides),
+                "connectivity": CONNECTIVITY}
 
     @classmethod
     def from_dict(cls, data: Mapping | None) -> "PostprocessPlan":
@@ -104,7 +199,7 @@ class PostprocessPlan:
         connectivity = data.get("connectivity", CONNECTIVITY)
         if connectivity != CONNECTIVITY:
             raise ValueError(f"post-processing connectivity {connectivity!r} is not supported (only {CONNECTIVITY})")
-        return cls(dict(data.get("keep_largest_components") or {}))
+        return cls(dict(data.get("keep_largest_components") or {}), dict(data.get("side_of_body") or {}))
 
     def check(self, scheme: LabelScheme) -> None:
         """Refuse a plan naming an organ that ``scheme`` does not segment."""
@@ -112,19 +207,24 @@ class PostprocessPlan:
         if unknown:
             raise ValueError(f"post-processing names {', '.join(unknown)}, not organs of label scheme {scheme.name}")
 
-    def apply(self, labels: np.ndarray, scheme: LabelScheme) -> np.ndarray:
+    def apply(self, labels: np.ndarray, scheme: LabelScheme, body: BodySide | None = None) -> np.ndarray:
         """The label map ``labels`` (``X x Y x Z`` in ``scheme``'s ids) post-processed; a new array,
-        or ``labels`` itself when the plan is empty. The input is never modified."""
+        or ``labels`` itself when the plan is empty. The input is never modified. ``body``: the
+        case's :class:`BodySide` on the grid of ``labels``, for the organs with a side (without
+        it they keep their largest components)."""
         self.check(scheme)
+        sides = dict(self.sides)
         out = labels
         for organ, n in self.keep_largest:
-            out = keep_largest_components(out, scheme.label_ids[organ], n)
+            out = keep_largest_components(out, scheme.label_ids[organ], n, side=sides.get(organ), body=body)
         return out
 
 
 def candidate_plan(scheme: LabelScheme) -> PostprocessPlan:
-    """Every organ's candidate post-processing: keep as many components as the class holds."""
-    return PostprocessPlan(scheme.expected_components)
+    """Every organ's candidate post-processing: keep as many components as the class holds, a
+    lateral organ (:data:`SIDE_OF_BODY`) on its side of the body."""
+    return PostprocessPlan(scheme.expected_components,
+                           {o: SIDE_OF_BODY[o] for o in scheme.organs if o in SIDE_OF_BODY})
 
 
 def _score(value) -> float | None:
@@ -145,7 +245,7 @@ def decide_plan(scores_plain: Mapping[str, float | None], scores_pp: Mapping[str
         plain, pp = _score(scores_plain.get(organ)), _score(scores_pp.get(organ))
         if plain is not None and pp is not None and pp >= plain:
             keep[organ] = n
-    return PostprocessPlan(keep)
+    return PostprocessPlan(keep, dict(candidate_plan(scheme).sides))
 
 
 def validation_scores(model: torch.nn.Module, cases: list, scheme: LabelScheme,
@@ -162,7 +262,7 @@ def validation_scores(model: torch.nn.Module, cases: list, scheme: LabelScheme,
         pred, label = case_prediction(model, case, device)
         # one organ's candidate only clears that organ's voxels, so applying all at once leaves
         # every other organ's Dice as it was
-        pred_pp = candidate.apply(pred, scheme)
+        pred_pp = candidate.apply(pred, scheme, getattr(case, "body", None))
         for organ in scheme.organs:
             idx = scheme.label_ids[organ]
             if not case.annotated[idx]:

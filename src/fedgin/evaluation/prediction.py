@@ -34,6 +34,7 @@ from ..data.nifti import label_header, read_header, read_header_info, read_volum
 from ..data.preprocess import preprocess
 from ..engine.checkpoint import load_checkpoint
 from ..engine.inference import predict_labels, predict_labels_and_probabilities
+from ..engine.postprocess import body_side
 from ..engine.trainer import resolve_device
 from ..errors import DataError, FedginError
 from .qa import CaseRecorder, prediction_page
@@ -167,6 +168,7 @@ def _predict_all(files, dest, net, ckpt, mod, dev, options, log, recorder=None) 
         image, affine = read_volume(f, kind="image")
         source = read_header(f)
         pre = preprocess(image, affine, mod, ckpt.preprocess)
+        body = body_side(image, affine, mod) if options["postprocess"] and ckpt.postprocess.sides else None
         if not (options["qa"] or options["statistics"]):
             del image  # the statistics and the QA page need it
         name = case_name(f)
@@ -177,7 +179,7 @@ def _predict_all(files, dest, net, ckpt, mod, dev, options, log, recorder=None) 
         else:
             labels = predict_labels(net, pre, dev, compile=options["compile"])
         if options["postprocess"]:
-            labels = ckpt.postprocess.apply(labels, ckpt.scheme)
+            labels = ckpt.postprocess.apply(labels, ckpt.scheme, body)
         written.append(write_volume(dest / f"{name}.nii.gz", labels, affine, dtype=np.uint8,
                                     header=label_header(source)))
         if options["masks"]:

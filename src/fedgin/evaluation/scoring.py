@@ -29,6 +29,7 @@ from ..data.splits import split_for
 from ..engine.checkpoint import Checkpoint, load_checkpoint
 from ..engine.inference import predict_labels
 from ..engine.metrics import case_metrics, failure_keys, mean_sd, outcome_counts, share
+from ..engine.postprocess import body_side
 from ..engine.trainer import resolve_device
 from ..errors import FedginError
 from .qa import CaseRecorder, evaluation_page
@@ -81,7 +82,8 @@ def evaluate_cases(ckpt: Checkpoint, refs: list[CaseRef], *, device: torch.devic
         pre = load_case(ref, ckpt.scheme, ckpt.preprocess, cache_dir, image_only=True)
         pred = predict_labels(model, pre, device, compile=compile)
         if postprocess:
-            pred = ckpt.postprocess.apply(pred, ckpt.scheme)
+            body = body_side(image, affine, ref.modality) if ckpt.postprocess.sides else None
+            pred = ckpt.postprocess.apply(pred, ckpt.scheme, body)
         scores = case_metrics(pred, reference, organs, ref.annotated, spacing_of(affine), with_hd95=with_hd95)
         records.append({"case": ref.case_id, "dataset": ref.dataset, "modality": ref.modality,
                         "annotated": list(ref.annotated), "metrics": scores,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RunConfig, SiteSpec, resolve
+from ..config import DEFAULT_PRESET, RunConfig, SiteSpec, resolve
 from ..data.datasets import check_label_map_names, open_dataset
 from ..data.labels import get_scheme
 from ..data.splits import split_for
@@ -130,7 +130,7 @@ def scenario_train_cases(scenario: str, sites: list[SiteSpec], modalities: dict[
 
 
 def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str], seeds: int, out: Path, *,
-                   preset: str = "quick", rounds: int | None = None, local_epochs: int | None = None,
+                   preset: str = DEFAULT_PRESET, rounds: int | None = None, local_epochs: int | None = None,
                    steps_per_epoch: int | None = None, split_file: str | None = None, cache_dir: str | None = None,
                    overlays: bool = True, label_map: dict[str, str] | None = None, context: int | None = None,
                    log=print) -> Path:

@@ -10,13 +10,13 @@ import shlex
 import time
 from pathlib import Path
 
-from ..config import SiteSpec
+from ..config import DEFAULT_PRESET, SiteSpec
 from .experiment import DEFAULT_METHODS, run_experiment, write_results
 from .folds import run_folds, write_cv_results
 
 
 def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[str] | None, seeds: int,
-                            out: Path, *, argv: list[str], preset: str = "quick", rounds: int | None = None,
+                            out: Path, *, argv: list[str], preset: str = DEFAULT_PRESET, rounds: int | None = None,
                             local_epochs: int | None = None, steps_per_epoch: int | None = None,
                             split_file: str | None = None, cache_dir: str | None = None,
                             overlays: bool = True, label_map: dict[str, str] | None = None,
