@@ -158,6 +158,18 @@ def test_run_config_keys_of_flwr_run(tmp_path):
                                      "lr-schedule": "constant"}).train
     assert (recipe.gin_views, recipe.clean_view, recipe.consistency, recipe.ipa, recipe.gin_p, recipe.lr_schedule) == \
         (3, True, 1.5, False, 0.25, "constant")
+    # `flwr run` again on the same out resumes under the recorded config.json: the same keys (or a new
+    # round timeout) continue it, never rewriting it; keys that change the run are refused, named
+    keys = {"sites": "ct=- mri=-", "out": str(tmp_path / "run"), "rounds": 4, "local-epochs": 2,
+            "strategy": "fedprox", "gin": False, "seed": 3}
+    recorded = (tmp_path / "run" / "config.json").read_bytes()
+    again = config_from_run_config({**keys, "round-timeout": 60})
+    assert again.round_timeout == 60 and again.run_id == cfg.run_id
+    assert (tmp_path / "run" / "config.json").read_bytes() == recorded
+    with pytest.raises(FedginError, match=r"recorded configuration \(config.json\).*dp-clip \(recorded none, now 1.0\), "
+                                          r"dp-noise \(recorded 0.0, now 1.0\), rounds \(recorded 4, now 6\); drop those keys"):
+        config_from_run_config({**keys, "rounds": 6, "dp-clip": 1.0, "dp-noise": 1.0})
+    assert (tmp_path / "run" / "config.json").read_bytes() == recorded
     with pytest.raises(FedginError, match="absolute"):
         config_from_run_config({"sites": "ct=-", "out": "relative/run"})
     with pytest.raises(FedginError, match="sites and out"):

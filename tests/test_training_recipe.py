@@ -189,7 +189,7 @@ def test_a_run_draws_its_id_when_created_and_keeps_it_on_resume(tmp_path):
     from fedgin.federated.server_app import config_from_run_config
 
     def recorded(out: Path) -> str | None:
-        return json.loads((out / "config.json").read_text())["run_id"]
+        return json.loads((out / "config.json").read_text()).get("run_id")
 
     cfg = tiny_config(tmp_path / "a", {"ct": "-"})
     prepare_run_dir(cfg, resume=False)
