@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -317,18 +318,24 @@ def _finished(proc: subprocess.Popen, out: Path) -> None:
 
 @pytest.mark.slow
 def test_federate_writes_each_round_and_resumes_exactly(sites, tmp_path):
+    """2 rounds straight == the same run stopped in round 2 (the state a server killed after the
+    sites trained round 2, before its checkpoint, leaves: last.pt of round 1, the sites' round-2
+    optimiser states, round 2's metrics lines) and ``fedgin federate --out RUN --resume`` alone,
+    which takes every setting from config.json: the default poly schedule, planned for 2 rounds."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-
-    # the uninterrupted run beside the first half of the interrupted one (their wall time is mostly
-    # Ray's start-up), then the resume
-    # a constant rate: the poly schedule spans the planned rounds, and this test stands in for an
-    # interruption by planning one round and then extending the run to two
-    const = ("--lr-schedule", "constant")
-    first, half = _federate(sites, whole, "--rounds", "2", *const), _federate(sites, resumed, "--rounds", "1", *const)
-    _finished(half, resumed)
-    assert not (resumed / "checkpoints" / "round_002.pt").exists()
-    _finished(first, whole)
-    _finished(_federate(sites, resumed, "--rounds", "2", "--resume", *const), resumed)
+    _finished(_federate(sites, whole, "--rounds", "2"), whole)
+    shutil.copytree(whole, resumed)
+    checkpoints = resumed / "checkpoints"
+    shutil.copyfile(checkpoints / "round_001.pt", checkpoints / "last.pt")
+    (checkpoints / "round_002.pt").unlink()
+    recorded = (resumed / "config.json").read_bytes()
+    with open(tmp_path / "resumed.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fedgin.cli", "federate", "--out", str(resumed), "--resume"],
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0"))
+    _finished(proc, resumed)
+    assert "resuming after round 1" in (tmp_path / "resumed.log").read_text()
+    assert (resumed / "config.json").read_bytes() == recorded
 
     checkpoints = whole / "checkpoints"
     assert {p.name for p in checkpoints.iterdir()} == {"round_001.pt", "round_002.pt", "last.pt"}
@@ -339,17 +346,18 @@ def test_federate_writes_each_round_and_resumes_exactly(sites, tmp_path):
     for row in lines:
         assert np.isfinite(row["loss"]) and row["seconds"] > 0
         assert set(row["dice"]) == set(ORGANS) and all(0 <= v <= 1 for v in row["dice"].values())
+    assert lines[0]["lr"] > lines[2]["lr"] > 0  # poly: the rate falls over the planned rounds
 
     # an interrupted-and-resumed run ends with the same weights as an uninterrupted one
-    for name in ("round_001.pt", "last.pt"):
+    for name in ("round_002.pt", "last.pt"):
         expected = load_raw(checkpoints / name)["state_dict"]
         got = load_raw(resumed / "checkpoints" / name)["state_dict"]
         assert list(got) == list(expected)
         for key in expected:
             assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), (name, key)
     resumed_lines = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["site"], r["loss"]) for r in resumed_lines] == \
-        [(r["round"], r["site"], r["loss"]) for r in lines]
+    assert [(r["round"], r["site"], r["loss"], r["lr"], r["dice"]) for r in resumed_lines] == \
+        [(r["round"], r["site"], r["loss"], r["lr"], r["dice"]) for r in lines]
 
 
 # --- 4. a real deployment: SuperLink with TLS and SuperNode auth, two SuperNodes -----------------

@@ -152,3 +152,11 @@ def test_the_differences_are_the_settings_and_the_sites_data(tmp_path):
     assert config_differences(cfg, unread) == []
     assert config_differences(cfg, replace(cfg, model=replace(cfg.model, in_channels=3))) == \
         [("model.in_channels", 1, 3)]
+
+
+def test_a_moved_run_dir_resumes_where_it_is_now(sites, tmp_path, capsys, started):
+    recorded = _recorded(tmp_path / "run", sites)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert _federate(capsys, "--out", tmp_path / "moved", "--resume")[0] is None
+    assert started[-1].out == str(tmp_path / "moved")
+    assert (tmp_path / "moved" / "config.json").read_bytes() == recorded

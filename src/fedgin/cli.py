@@ -318,7 +318,7 @@ def _on_the_record(recorded, args):
     put in (the library then refuses any that change what the run computes)."""
     from dataclasses import replace
 
-    top, nested = {}, {"train": {}, "model": {}}
+    top, nested = {"out": args.out}, {"train": {}, "model": {}}  # where the run dir is now
     for dest, field in _RUN_FIELDS.items():
         value = getattr(args, dest, None)
         if value is None:

@@ -281,8 +281,9 @@ def config_differences(recorded: RunConfig, new: RunConfig) -> list[tuple[str, o
 
 
 def with_execution(recorded: RunConfig, new: RunConfig) -> RunConfig:
-    """The recorded run with ``new``'s execution fields (``EXECUTION_FIELDS``)."""
-    top = {k: getattr(new, k) for k in EXECUTION_FIELDS if "." not in k}
+    """The recorded run with ``new``'s execution fields (``EXECUTION_FIELDS``) and run dir (a run
+    dir moved since it was recorded continues where it is now)."""
+    top = {k: getattr(new, k) for k in (*EXECUTION_FIELDS, "out") if "." not in k}
     train = {k.split(".", 1)[1]: getattr(new.train, k.split(".", 1)[1]) for k in EXECUTION_FIELDS
              if k.startswith("train.")}
     return replace(recorded, **top, train=replace(recorded.train, **train))
