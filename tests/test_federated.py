@@ -360,6 +360,36 @@ def test_federate_writes_each_round_and_resumes_exactly(sites, tmp_path):
         [(r["round"], r["site"], r["loss"], r["lr"], r["dice"]) for r in lines]
 
 
+@pytest.mark.slow
+def test_fedbn_records_the_validation_dice_of_the_checkpoint_it_saves(sites, tmp_path):
+    """FedBN: each site trains with its own normalisation layers, but the round's validation Dice
+    (and the post-processing plan decided from it) is of the model the checkpoint holds, the sites'
+    averaged layers: ``evaluate`` of that checkpoint on a site's validation case reproduces it. The
+    global weights with the site's own layers are scored beside it, as ``dice_own_norm``."""
+    from fedgin.engine.checkpoint import load_checkpoint, normalisation_note
+    from fedgin.evaluation.scoring import evaluate_cases
+
+    out = tmp_path / "fedbn"
+    _finished(_federate(sites, out, "--rounds", "1", "--strategy", "fedbn", "--lr", "0.05"), out)
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["normalisation"] == "averaged" and "sites' average" in normalisation_note(ckpt)
+    cfg = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    lines = {r["site"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    for site in load_sites(cfg):
+        refs = [c for c in site.dataset.cases if c.case_id in site.split.val]
+        assert len(refs) == 1
+        (scored,) = evaluate_cases(ckpt, refs, cache_dir=tmp_path / "cache", with_hd95=False, postprocess=False)
+        recorded = lines[site.name]["dice"]
+        assert any(v is not None for v in recorded.values())
+        for organ, value in recorded.items():
+            got = scored["metrics"].get(organ, {}).get("dice")
+            assert (value is None and got is None) or value == pytest.approx(got, abs=1e-6), (site.name, organ)
+        assert set(lines[site.name]["dice_own_norm"]) == set(recorded)
+        # the site's own layers are not the checkpoint's: the two numbers describe two models
+        own = np.load(out / "site-state" / site.name / cfg.run_id / "local_norm_layers.npz")
+        assert any(not np.array_equal(own[k], ckpt.state_dict[k].numpy()) for k in own.files)
+
+
 # --- 4. a real deployment: SuperLink with TLS and SuperNode auth, two SuperNodes -----------------
 
 @pytest.mark.slow

@@ -463,6 +463,8 @@ def cmd_evaluate(args) -> int:
         summary = evaluate(args.model, datasets, args.out, cases=args.cases or "test", seed=args.seed,
                            split_file=args.split, device=args.device, cache_dir=args.cache_dir,
                            postprocess=args.postprocess, label_map=label_map, compile=args.compile, qa=args.qa)
+    if summary.get("arguments", {}).get("normalisation"):
+        print(summary["arguments"]["normalisation"])  # a FedBN model: which normalisation layers were scored
     for line in mean_dice_lines(summary):
         print(line)
     warned = sum(bool(r["statistics"]["warnings"]) for r in summary["metric_per_case"])
