@@ -284,7 +284,7 @@ def test_train_resume_of_a_federated_run_names_the_command(capsys, tmp_path):
     assert rc == 2
     assert one_error_line(err) == f"fedgin: error: {run} is a federated run: resume it with fedgin federate --resume"
     rc, _, err = cli(capsys, "train", "--out", tmp_path / "new", "--resume")  # nothing recorded: a new run
-    assert rc == 2 and "train needs --site and --mode" in one_error_line(err)
+    assert rc == 2 and "the following arguments are required: --site, --mode" in one_error_line(err)
 
 
 def test_resume_before_the_first_checkpoint_logs_each_epoch_once(capsys, tmp_path, sites):

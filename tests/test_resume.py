@@ -160,3 +160,20 @@ def test_a_moved_run_dir_resumes_where_it_is_now(sites, tmp_path, capsys, starte
     assert _federate(capsys, "--out", tmp_path / "moved", "--resume")[0] is None
     assert started[-1].out == str(tmp_path / "moved")
     assert (tmp_path / "moved" / "config.json").read_bytes() == recorded
+
+
+def test_a_dp_run_whose_checkpoint_lost_its_account_is_not_continued(tmp_path):
+    """The account of the rounds already released must continue; a DP run's checkpoint without it
+    (a run recorded without DP, its config.json edited) would restart it at zero: refused."""
+    from fedgin.engine.checkpoint import save_checkpoint
+    from fedgin.engine.model import build_model
+    from fedgin.errors import FedginError
+    from fedgin.data.labels import get_scheme
+
+    cfg = resolve("quick", command="federate", out=str(tmp_path), sites=(SiteSpec("ct", "-"), SiteSpec("mri", "-")),
+                  rounds=3, dp_clip=1.0, dp_noise=1.0)
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", build_model(cfg.model).state_dict(), model_config=cfg.model,
+                    scheme=get_scheme(cfg.scheme), preprocess=cfg.preprocess, sites=[],
+                    meta={"mode": "federated", "round": 1}, extra={"strategy_state": {}})
+    with pytest.raises(FedginError, match="the checkpoint of round 1 holds no privacy account"):
+        server_app.run_server(None, cfg, log=lambda _: None)

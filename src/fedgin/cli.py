@@ -352,8 +352,8 @@ def _new_run_defaults(args, command: str) -> None:
     needed = (("--site", "site"), ("--mode", "mode")) if command == "train" else (("--site", "site"),)
     missing = [flag for flag, dest in needed if not getattr(args, dest)]
     if missing:
-        raise UsageError(f"{command} needs {' and '.join(missing)} (a new run; only --resume of a recorded run "
-                         f"takes them from its config.json) (see fedgin {command} --help)")
+        # argparse's words: only --resume of a recorded run may leave them out
+        raise UsageError(f"the following arguments are required: {', '.join(missing)} (see fedgin {command} --help)")
     for dest, default in (("preset", "quick"), ("scheme", "abdomen5"), ("seed", 0), ("device", "auto"),
                           ("postprocess", True), ("strategy", "fedavg")):
         if getattr(args, dest, default) is None:

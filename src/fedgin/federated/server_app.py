@@ -26,7 +26,7 @@ from ..engine.runs import resume_run_config
 from ..engine.model import build_model
 from ..errors import FedginError
 from .recorder import RoundRecorder
-from .privacy import make_private
+from .privacy import ACCOUNTANT_KEY, make_private
 from .secagg import run_secagg
 from .strategy import check_options, make_strategy
 from .task import norm_layer_keys, run_config_to_json, state_to_numpy
@@ -131,6 +131,10 @@ def run_server(grid: Grid, cfg: RunConfig, log=print, context: Context | None = 
     )
     if private:
         strategy = make_private(strategy, cfg, num_sites)
+        if done and ACCOUNTANT_KEY not in strategy_state:
+            # the rounds already released would be missing from the account: it would start at zero
+            raise FedginError(f"{cfg.out}: the checkpoint of round {done} holds no privacy account, but this run "
+                              "is differentially private: it cannot continue the account; start a new run")
     if strategy_state:
         strategy.load_state(strategy_state)
     initial = arrays if arrays is not None else reference
