@@ -165,10 +165,10 @@ def test_a_moved_run_dir_resumes_where_it_is_now(sites, tmp_path, capsys, starte
 def test_a_dp_run_whose_checkpoint_lost_its_account_is_not_continued(tmp_path):
     """The account of the rounds already released must continue; a DP run's checkpoint without it
     (a run recorded without DP, its config.json edited) would restart it at zero: refused."""
+    from fedgin.data.labels import get_scheme
     from fedgin.engine.checkpoint import save_checkpoint
     from fedgin.engine.model import build_model
     from fedgin.errors import FedginError
-    from fedgin.data.labels import get_scheme
 
     cfg = resolve("quick", command="federate", out=str(tmp_path), sites=(SiteSpec("ct", "-"), SiteSpec("mri", "-")),
                   rounds=3, dp_clip=1.0, dp_noise=1.0)
