@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedgin.engine.runs
 import fedgin.evaluation.scoring
 from fedgin.cli import main
 from fedgin.data.labels import get_scheme
@@ -193,41 +194,97 @@ def test_train_refuses_an_existing_run_dir_without_resume(capsys, sites, ct_mode
     assert (ct_model / "metrics.jsonl").read_text() == before
 
 
-def test_resume_continues_from_last_checkpoint_and_equals_an_uninterrupted_run(capsys, tmp_path, sites):
-    """2 epochs straight == 1 epoch, then ``--resume --epochs 2`` (losses, Dice and weights exactly).
-
-    A constant rate: the poly schedule spans the planned epochs, so a run planned for 1 epoch and
-    extended to 2 follows another schedule than one planned for 2 (federated resume equality, with
-    the schedule, is tested in test_federated)."""
+def test_resume_continues_from_last_checkpoint_and_equals_an_uninterrupted_run(capsys, tmp_path, sites,
+                                                                               monkeypatch):
+    """2 epochs straight == 2 epochs interrupted while epoch 2's checkpoint is written, then
+    ``--resume`` alone (losses, Dice and weights exactly), under the default poly schedule: the
+    resumed run takes every setting from its config.json, the schedule's length included."""
     ct, _ = sites
     common = ["train", "--site", f"ct={ct}", "--mode", "local", "--seed", "3", "--steps-per-epoch", "2",
-              "--batch-size", "4", "--threads", THREADS, "--lr-schedule", "constant"]
-    assert cli(capsys, *common, "--out", tmp_path / "straight", "--epochs", "2")[0] == 0
+              "--batch-size", "4", "--threads", THREADS, "--epochs", "2"]
+    assert cli(capsys, *common, "--out", tmp_path / "straight")[0] == 0
 
     resumed = tmp_path / "resumed"
-    assert cli(capsys, *common, "--out", resumed, "--epochs", "1")[0] == 0
-    # an interrupted epoch 2 may have logged its line before dying: resume drops it
-    with open(resumed / "ct" / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps({"mode": "local", "epoch": 2, "site": "ct", "loss": -1.0}) + "\n")
-    rc, out, _ = cli(capsys, *common, "--out", resumed, "--epochs", "2", "--resume")
+    real_save = fedgin.engine.runs.save_checkpoint
+
+    def interrupted(path, *args, **kwargs):
+        if Path(path).name == "epoch_002.pt":
+            raise KeyboardInterrupt  # epoch 2's metrics line is written, its checkpoint is not
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(fedgin.engine.runs, "save_checkpoint", interrupted)
+    assert cli(capsys, *common, "--out", resumed)[0] == 130
+    monkeypatch.setattr(fedgin.engine.runs, "save_checkpoint", real_save)
+    assert [r["epoch"] for r in read_jsonl(resumed / "ct" / "metrics.jsonl")] == [1, 2]
+    assert load_checkpoint(resumed / "ct").meta["epoch"] == 1
+    recorded = {p: p.read_bytes() for p in (resumed / "config.json", resumed / "ct" / "config.json")}
+
+    rc, out, _ = cli(capsys, "train", "--out", resumed, "--resume")
     assert rc == 0
     assert "resuming" in out and "after epoch 1" in out
+    assert {p: p.read_bytes() for p in recorded} == recorded  # the record is never rewritten
 
     straight_lines = check_run_dir(tmp_path / "straight" / "ct", sites={"ct": "CT"}, epochs=2, seed=3)
     resumed_lines = check_run_dir(resumed / "ct", sites={"ct": "CT"}, epochs=2, seed=3)
-    keys = ("epoch", "site", "modality", "loss", "dice", "slices")
+    keys = ("epoch", "site", "modality", "loss", "dice", "slices", "lr")
     assert [{k: r[k] for k in keys} for r in resumed_lines] == [{k: r[k] for k in keys} for r in straight_lines]
+    assert resumed_lines[0]["lr"] > resumed_lines[1]["lr"]  # the poly schedule, over the recorded 2 epochs
     a = load_checkpoint(tmp_path / "straight" / "ct").state_dict
     b = load_checkpoint(resumed / "ct").state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # resuming a finished run trains nothing and changes nothing
+    # resuming a finished run trains nothing and changes nothing (the same options may be repeated)
     before = (resumed / "ct" / "metrics.jsonl").read_text()
     last_mtime = (resumed / "ct" / "checkpoints" / "last.pt").stat().st_mtime_ns
-    rc, out, _ = cli(capsys, *common, "--out", resumed, "--epochs", "2", "--resume")
+    rc, out, _ = cli(capsys, *common, "--out", resumed, "--resume")
     assert rc == 0 and "already done" in out
     assert (resumed / "ct" / "metrics.jsonl").read_text() == before
     assert (resumed / "ct" / "checkpoints" / "last.pt").stat().st_mtime_ns == last_mtime
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["--epochs", "3"], "--epochs (recorded 2, now 3)"),
+    (["--lr-schedule", "constant"], '--lr-schedule (recorded poly, now constant)'),
+    (["--seed", "0", "--lr", "0.01"], "--seed (recorded 3, now 0), --lr (recorded 0.001, now 0.01)"),
+    (["--mode", "centralized"], "--mode (recorded local, now centralized)"),
+    (["--no-gin"], "--gin/--no-gin (recorded true, now false)"),
+])
+def test_train_resume_refuses_a_changed_setting_in_one_line(capsys, tmp_path, sites, cache_dir, changed, named):
+    """Every option that would change what a resumed run computes is refused, each named with its
+    recorded and its new value; nothing is written (the recorded run needs no training: the
+    refusal comes before any)."""
+    from fedgin.config import SiteSpec, resolve
+    from fedgin.engine.runs import load_sites, with_site_facts
+
+    ct, _ = sites
+    run = tmp_path / "run"
+    (run / "ct" / "checkpoints").mkdir(parents=True)
+    args = ["train", "--site", f"ct={ct}", "--mode", "local", "--seed", "3", "--epochs", "2", "--out", run,
+            "--cache-dir", cache_dir]
+    cfg = resolve("quick", command="train", out=str(run), sites=(SiteSpec("ct", str(ct)),), seed=3, mode="local",
+                  train_overrides={"epochs": 2}, cache_dir=str(cache_dir))
+    cfg = with_site_facts(cfg, load_sites(cfg))
+    cfg.write(run / "config.json")
+    before = (run / "config.json").read_bytes()
+    rc, _, err = cli(capsys, *args, "--resume", *changed)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "recorded configuration (config.json)" in line and named in line, line
+    assert (run / "config.json").read_bytes() == before
+    assert not (run / "ct" / "config.json").exists() and not (run / "ct" / "metrics.jsonl").exists()
+
+
+def test_train_resume_of_a_federated_run_names_the_command(capsys, tmp_path):
+    from fedgin.config import SiteSpec, resolve
+
+    run = tmp_path / "run"
+    run.mkdir()
+    resolve("quick", command="federate", out=str(run), sites=(SiteSpec("ct", "/nowhere"),)).write(run / "config.json")
+    rc, _, err = cli(capsys, "train", "--out", run, "--resume")
+    assert rc == 2
+    assert one_error_line(err) == f"fedgin: error: {run} is a federated run: resume it with fedgin federate --resume"
+    rc, _, err = cli(capsys, "train", "--out", tmp_path / "new", "--resume")  # nothing recorded: a new run
+    assert rc == 2 and "the following arguments are required: --site, --mode" in one_error_line(err)
 
 
 def test_resume_before_the_first_checkpoint_logs_each_epoch_once(capsys, tmp_path, sites):

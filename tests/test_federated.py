@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -158,6 +159,18 @@ def test_run_config_keys_of_flwr_run(tmp_path):
                                      "lr-schedule": "constant"}).train
     assert (recipe.gin_views, recipe.clean_view, recipe.consistency, recipe.ipa, recipe.gin_p, recipe.lr_schedule) == \
         (3, True, 1.5, False, 0.25, "constant")
+    # `flwr run` again on the same out resumes under the recorded config.json: the same keys (or a new
+    # round timeout) continue it, never rewriting it; keys that change the run are refused, named
+    keys = {"sites": "ct=- mri=-", "out": str(tmp_path / "run"), "rounds": 4, "local-epochs": 2,
+            "strategy": "fedprox", "gin": False, "seed": 3}
+    recorded = (tmp_path / "run" / "config.json").read_bytes()
+    again = config_from_run_config({**keys, "round-timeout": 60})
+    assert again.round_timeout == 60 and again.run_id == cfg.run_id
+    assert (tmp_path / "run" / "config.json").read_bytes() == recorded
+    with pytest.raises(FedginError, match=r"recorded configuration \(config.json\).*dp-clip \(recorded none, now 1.0\), "
+                                          r"dp-noise \(recorded 0.0, now 1.0\), rounds \(recorded 4, now 6\); drop those keys"):
+        config_from_run_config({**keys, "rounds": 6, "dp-clip": 1.0, "dp-noise": 1.0})
+    assert (tmp_path / "run" / "config.json").read_bytes() == recorded
     with pytest.raises(FedginError, match="absolute"):
         config_from_run_config({"sites": "ct=-", "out": "relative/run"})
     with pytest.raises(FedginError, match="sites and out"):
@@ -305,18 +318,24 @@ def _finished(proc: subprocess.Popen, out: Path) -> None:
 
 @pytest.mark.slow
 def test_federate_writes_each_round_and_resumes_exactly(sites, tmp_path):
+    """2 rounds straight == the same run stopped in round 2 (the state a server killed after the
+    sites trained round 2, before its checkpoint, leaves: last.pt of round 1, the sites' round-2
+    optimiser states, round 2's metrics lines) and ``fedgin federate --out RUN --resume`` alone,
+    which takes every setting from config.json: the default poly schedule, planned for 2 rounds."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-
-    # the uninterrupted run beside the first half of the interrupted one (their wall time is mostly
-    # Ray's start-up), then the resume
-    # a constant rate: the poly schedule spans the planned rounds, and this test stands in for an
-    # interruption by planning one round and then extending the run to two
-    const = ("--lr-schedule", "constant")
-    first, half = _federate(sites, whole, "--rounds", "2", *const), _federate(sites, resumed, "--rounds", "1", *const)
-    _finished(half, resumed)
-    assert not (resumed / "checkpoints" / "round_002.pt").exists()
-    _finished(first, whole)
-    _finished(_federate(sites, resumed, "--rounds", "2", "--resume", *const), resumed)
+    _finished(_federate(sites, whole, "--rounds", "2"), whole)
+    shutil.copytree(whole, resumed)
+    checkpoints = resumed / "checkpoints"
+    shutil.copyfile(checkpoints / "round_001.pt", checkpoints / "last.pt")
+    (checkpoints / "round_002.pt").unlink()
+    recorded = (resumed / "config.json").read_bytes()
+    with open(tmp_path / "resumed.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fedgin.cli", "federate", "--out", str(resumed), "--resume"],
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0"))
+    _finished(proc, resumed)
+    assert "resuming after round 1" in (tmp_path / "resumed.log").read_text()
+    assert (resumed / "config.json").read_bytes() == recorded
 
     checkpoints = whole / "checkpoints"
     assert {p.name for p in checkpoints.iterdir()} == {"round_001.pt", "round_002.pt", "last.pt"}
@@ -327,17 +346,48 @@ def test_federate_writes_each_round_and_resumes_exactly(sites, tmp_path):
     for row in lines:
         assert np.isfinite(row["loss"]) and row["seconds"] > 0
         assert set(row["dice"]) == set(ORGANS) and all(0 <= v <= 1 for v in row["dice"].values())
+    assert lines[0]["lr"] > lines[2]["lr"] > 0  # poly: the rate falls over the planned rounds
 
     # an interrupted-and-resumed run ends with the same weights as an uninterrupted one
-    for name in ("round_001.pt", "last.pt"):
+    for name in ("round_002.pt", "last.pt"):
         expected = load_raw(checkpoints / name)["state_dict"]
         got = load_raw(resumed / "checkpoints" / name)["state_dict"]
         assert list(got) == list(expected)
         for key in expected:
             assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), (name, key)
     resumed_lines = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["site"], r["loss"]) for r in resumed_lines] == \
-        [(r["round"], r["site"], r["loss"]) for r in lines]
+    assert [(r["round"], r["site"], r["loss"], r["lr"], r["dice"]) for r in resumed_lines] == \
+        [(r["round"], r["site"], r["loss"], r["lr"], r["dice"]) for r in lines]
+
+
+@pytest.mark.slow
+def test_fedbn_records_the_validation_dice_of_the_checkpoint_it_saves(sites, tmp_path):
+    """FedBN: each site trains with its own normalisation layers, but the round's validation Dice
+    (and the post-processing plan decided from it) is of the model the checkpoint holds, the sites'
+    averaged layers: ``evaluate`` of that checkpoint on a site's validation case reproduces it. The
+    global weights with the site's own layers are scored beside it, as ``dice_own_norm``."""
+    from fedgin.engine.checkpoint import load_checkpoint, normalisation_note
+    from fedgin.evaluation.scoring import evaluate_cases
+
+    out = tmp_path / "fedbn"
+    _finished(_federate(sites, out, "--rounds", "1", "--strategy", "fedbn", "--lr", "0.05"), out)
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["normalisation"] == "averaged" and "sites' average" in normalisation_note(ckpt)
+    cfg = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    lines = {r["site"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    for site in load_sites(cfg):
+        refs = [c for c in site.dataset.cases if c.case_id in site.split.val]
+        assert len(refs) == 1
+        (scored,) = evaluate_cases(ckpt, refs, cache_dir=tmp_path / "cache", with_hd95=False, postprocess=False)
+        recorded = lines[site.name]["dice"]
+        assert any(v is not None for v in recorded.values())
+        for organ, value in recorded.items():
+            got = scored["metrics"].get(organ, {}).get("dice")
+            assert (value is None and got is None) or value == pytest.approx(got, abs=1e-6), (site.name, organ)
+        assert set(lines[site.name]["dice_own_norm"]) == set(recorded)
+        # the site's own layers are not the checkpoint's: the two numbers describe two models
+        own = np.load(out / "site-state" / site.name / cfg.run_id / "local_norm_layers.npz")
+        assert any(not np.array_equal(own[k], ckpt.state_dict[k].numpy()) for k in own.files)
 
 
 # --- 4. a real deployment: SuperLink with TLS and SuperNode auth, two SuperNodes -----------------

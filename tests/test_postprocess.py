@@ -420,6 +420,45 @@ def test_evaluate_round_sends_dice_with_and_without_postprocessing(tmp_path, mak
             assert plain == expected[organ] and 0.0 <= pp <= 1.0, organ
 
 
+def test_fedbn_validates_and_decides_on_the_model_it_saves(tmp_path, phantom_datasets, capsys):
+    """Under FedBN a site trains with its own normalisation layers, but the round's Dice, and the
+    plan decided from it, are of the checkpoint (the averaged layers): evaluating the saved model on
+    the validation case reproduces them. The site's own layers (here far from the average) are
+    scored beside it as ``dice_own_norm``, another model; predict says which layers it uses."""
+    from fedgin.evaluation.scoring import evaluate_cases
+    from fedgin.federated.task import norm_layer_keys
+
+    ct, _ = phantom_datasets(4, 1)
+    cfg = replace(tiny_config(tmp_path / "run", {"ct": ct}), strategy="fedbn")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    reference = model.state_dict()
+    averaged = state_to_numpy(reference)
+    own = {k: (averaged[k] * 3 + 0.5 if k.endswith("bias") else averaged[k] * -2) for k in norm_layer_keys(model)}
+    metrics = evaluate_round(cfg, cfg.sites[0], 0, averaged, local_arrays=own)
+    out = Path(cfg.out)
+    out.mkdir(parents=True)
+    recorder = RoundRecorder(cfg, out, log=lambda _: None)
+    recorder.record_evaluate(1, [metrics])
+    recorder.finish_round(1, averaged, reference, {})
+
+    ckpt = load_checkpoint(out)
+    site = site_data(cfg, cfg.sites[0])
+    refs = [c for c in site.dataset.cases if c.case_id in site.split.val]
+    (scored,) = evaluate_cases(ckpt, refs, cache_dir=tmp_path / "cache", with_hd95=False, postprocess=False)
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    decided = json.loads((out / "postprocess.json").read_text())["validation_dice"]
+    for organ in ABDOMEN5.organs:
+        assert line["dice"][organ] == scored["metrics"][organ]["dice"] == decided[organ]["plain"], organ
+        assert line["dice_own_norm"][organ] == metrics[f"dice-own-norm-{organ}"]
+    assert line["dice_own_norm"] != line["dice"]  # a different model: never reported as the checkpoint's
+
+    assert main(["predict", "-i", str(refs[0].image), "-o", str(tmp_path / "pred"), "--model", str(out)]) == 0
+    assert "FedBN model: its normalisation layers are the sites' average" in capsys.readouterr().out
+    provenance = json.loads((tmp_path / "pred" / "provenance.json").read_text())
+    assert "sites' average" in json.dumps(provenance)
+
+
 def _evaluate_reply(site_index: int, num_examples: int, plain: dict, pp: dict) -> dict:
     nan = float("nan")
     return {"num-examples": num_examples, "modality": site_index, "site-index": site_index,

@@ -189,7 +189,7 @@ def test_a_run_draws_its_id_when_created_and_keeps_it_on_resume(tmp_path):
     from fedgin.federated.server_app import config_from_run_config
 
     def recorded(out: Path) -> str | None:
-        return json.loads((out / "config.json").read_text())["run_id"]
+        return json.loads((out / "config.json").read_text()).get("run_id")
 
     cfg = tiny_config(tmp_path / "a", {"ct": "-"})
     prepare_run_dir(cfg, resume=False)
@@ -273,12 +273,14 @@ def test_without_preset_a_command_gets_the_converged_budget(command):
     """The default is the measured budget (docs/results/time_to_accuracy.json: validation Dice within
     0.01 of its plateau by 4800-6400 steps per site), 6000 steps per site; ``quick`` is the same
     recipe with a sixth of them."""
-    from fedgin.cli import build_parser
+    from fedgin.cli import _new_run_defaults, build_parser
     from fedgin.config import DEFAULT_PRESET, PRESETS
 
     extra = {"train": ["--mode", "local"], "federate": [],
              "experiment": ["--scenario", "complete", "--methods", "fedgin"]}[command]
     args = build_parser().parse_args([command, "--site", "ct=/data", "--out", "/run", *extra])
+    if command != "experiment":  # a new run's defaults (a resumed one takes its recorded preset)
+        _new_run_defaults(args, command)
     assert args.preset == DEFAULT_PRESET == "standard"
     standard, quick = PRESETS["standard"], PRESETS["quick"]
     per_site = standard["rounds"] * standard["local_epochs"] * standard["train"].steps_per_epoch

@@ -76,12 +76,14 @@ def _add_context(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--site", action="append", type=_site, required=True, metavar="NAME=DATASET",
-                   help="a site and its dataset folder (repeat per site)")
-    p.add_argument("--out", required=True, help="run dir to create")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=PRESET_HELP)
-    p.add_argument("--scheme", default="abdomen5", choices=["abdomen5", "abdomen6"])
-    p.add_argument("--seed", type=int, default=0)
+    # defaults None: a resumed run tells the options given from those left out (which it takes
+    # from config.json); _new_run_defaults fills in the defaults of a new run
+    p.add_argument("--site", action="append", type=_site, metavar="NAME=DATASET",
+                   help="a site and its dataset folder (repeat per site; required unless --resume)")
+    p.add_argument("--out", required=True, help="run dir to create (or to continue, with --resume)")
+    p.add_argument("--preset", choices=list(PRESETS), help=PRESET_HELP)
+    p.add_argument("--scheme", choices=["abdomen5", "abdomen6"], help="label scheme (default abdomen5)")
+    p.add_argument("--seed", type=int, help="run seed (default 0)")
     p.add_argument("--gin", dest="gin", action="store_true", default=None, help="GIN on training batches")
     p.add_argument("--no-gin", dest="gin", action="store_false", help="no GIN")
     p.add_argument("--ipa", dest="ipa", action="store_true", default=None,
@@ -108,9 +110,12 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
                         "compiler is available; FEDGIN_COMPILE=0 also turns it off)")
     p.add_argument("--split", help="split file (JSON) naming train/val/test cases per dataset")
     p.add_argument("--cache-dir", help="preprocessing cache (default $FEDGIN_CACHE_DIR or ~/.cache/fedgin)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+    p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run under its recorded configuration (RUN/config.json): every "
+                        "setting comes from there; an option that would change it is refused (only --device, "
+                        "--threads, --cache-dir, --no-compile and --round-timeout may differ)")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false", default=None,
                    help="decide no post-processing plan (predict and evaluate then apply none)")
     _add_label_map(p, " (recorded in config.json and the checkpoints)")
 
@@ -162,15 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="non-federated baselines: local (one model per site) or centralized")
     _add_common_training(p)
-    p.add_argument("--mode", required=True, choices=["local", "centralized"])
+    p.add_argument("--mode", choices=["local", "centralized"], help="required unless --resume")
     p.add_argument("--epochs", type=POSITIVE_INT)
 
     p = sub.add_parser("federate", help="federated training on Flower (simulation on one machine)")
     _add_common_training(p)
     p.add_argument("--rounds", type=POSITIVE_INT)
     p.add_argument("--local-epochs", type=POSITIVE_INT)
-    p.add_argument("--strategy", default="fedavg", choices=list(STRATEGIES),
-                   help="fedmedian / fedtrimmedavg: robust to a faulty site (3 or more sites)")
+    p.add_argument("--strategy", choices=list(STRATEGIES),
+                   help="default fedavg; fedmedian / fedtrimmedavg: robust to a faulty site (3 or more sites)")
     p.add_argument("--trim-beta", type=float, help="fedtrimmedavg: fraction cut from each end "
                    "(default max(0.2, 1/sites), so one site is cut)")
     p.add_argument("--dp-clip", type=POSITIVE_FLOAT, metavar="C",
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-insecure-seeded-noise", action="store_true", default=None,
                    help="DEBUGGING ONLY: seed the DP noise by the run seed, so a DP run repeats; every site knows "
                         "the seed and can remove the noise: no privacy (logged, recorded in the run)")
-    p.add_argument("--secagg", action="store_true", help="Flower's SecAgg+: the server sees only the masked "
+    p.add_argument("--secagg", action="store_true", default=None, help="Flower's SecAgg+: the server sees only the masked "
                    "sum of the sites' updates (experimental; fedavg, fedprox or fedbn; not with DP)")
     p.add_argument("--proximal-mu", type=float, help="FedProx proximal weight (default 0.01)")
     p.add_argument("--min-sites", type=POSITIVE_INT, help="finish a round when at least this many sites replied")
@@ -291,16 +296,84 @@ def _train_overrides(args) -> dict:
     }
 
 
+#: argparse dest -> the RunConfig field it sets (dotted: inside ``train`` or ``model``); on
+#: ``--resume`` a given option is checked against the recorded field (fedgin.config.FIELD_OPTIONS)
+_RUN_FIELDS = {
+    "preset": "preset", "scheme": "scheme", "seed": "seed", "mode": "mode", "rounds": "rounds",
+    "local_epochs": "local_epochs", "strategy": "strategy", "min_sites": "min_sites",
+    "round_timeout": "round_timeout", "proximal_mu": "proximal_mu", "trim_beta": "trim_beta", "dp_clip": "dp_clip",
+    "dp_noise": "dp_noise", "dp_mode": "dp_mode", "dp_delta": "dp_delta", "dp_drop_unclipped": "dp_drop_unclipped",
+    "dp_insecure_seeded_noise": "dp_insecure_seeded_noise", "secagg": "secagg", "split": "split",
+    "cache_dir": "cache_dir", "device": "device", "postprocess": "postprocess", "context": "model.in_channels",
+    "epochs": "train.epochs", "threads": "train.num_threads",
+    **{dest: f"train.{dest}" for dest in ("gin", "ipa", "gin_p", "gin_views", "clean_view", "consistency",
+                                          "lr_schedule", "intensity_augment", "batch_size", "lr",
+                                          "steps_per_epoch", "compile")},
+}
+
+
+def _on_the_record(recorded, args):
+    """A resumed run's configuration: the recorded one with the options given on this command line
+    put in (the library then refuses any that change what the run computes)."""
+    from dataclasses import replace
+
+    top, nested = {"out": args.out}, {"train": {}, "model": {}}  # where the run dir is now
+    for dest, field in _RUN_FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        part, _, name = field.rpartition(".")
+        (nested[part] if part else top)[name] = value
+    if args.label_map:
+        top["label_map"] = parse_label_map(args.label_map)
+    if args.site:
+        top["sites"] = tuple(args.site)
+    return replace(recorded, **top, train=replace(recorded.train, **nested["train"]),
+                   model=replace(recorded.model, **nested["model"]))
+
+
+def _recorded(args, command: str):
+    """With ``--resume`` on a run dir that has a ``config.json``: that record (mode checked)."""
+    from .config import read_run_config
+
+    recorded = read_run_config(Path(args.out)) if args.resume else None
+    if recorded is None:
+        return None
+    federated = recorded.mode == "federated"
+    if federated != (command == "federate"):
+        other = "fedgin federate" if federated else "fedgin train"
+        raise FedginError(f"{args.out} is a {recorded.mode} run: resume it with {other} --resume")
+    return recorded
+
+
+def _new_run_defaults(args, command: str) -> None:
+    """A new run (or ``--resume`` of a dir without config.json) needs its sites; the rest defaults."""
+    needed = (("--site", "site"), ("--mode", "mode")) if command == "train" else (("--site", "site"),)
+    missing = [flag for flag, dest in needed if not getattr(args, dest)]
+    if missing:
+        # argparse's words: only --resume of a recorded run may leave them out
+        raise UsageError(f"the following arguments are required: {', '.join(missing)} (see fedgin {command} --help)")
+    for dest, default in (("preset", DEFAULT_PRESET), ("scheme", "abdomen5"), ("seed", 0), ("device", "auto"),
+                          ("postprocess", True), ("strategy", "fedavg")):
+        if getattr(args, dest, default) is None:
+            setattr(args, dest, default)
+
+
 def cmd_train(args) -> int:
     from .config import resolve
     from .engine.runs import train_non_federated
 
-    overrides = _train_overrides(args)
-    overrides.pop("local_epochs")
-    cfg = resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
-                  train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
-                  cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess,
-                  label_map=parse_label_map(args.label_map), context=args.context)
+    recorded = _recorded(args, "train")
+    if recorded is not None:
+        cfg = _on_the_record(recorded, args)
+    else:
+        _new_run_defaults(args, "train")
+        overrides = _train_overrides(args)
+        overrides.pop("local_epochs")
+        cfg = resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
+                      train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
+                      cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess,
+                      label_map=parse_label_map(args.label_map), context=args.context)
     out = train_non_federated(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
@@ -310,18 +383,24 @@ def cmd_federate(args) -> int:
     from .config import resolve
     from .federated.launcher import federate
 
-    overrides = _train_overrides(args)
-    overrides.pop("local_epochs")
-    overrides.pop("epochs")
-    cfg = resolve(args.preset, command="federate", out=args.out, sites=tuple(args.site), scheme=args.scheme,
-                  train_overrides=overrides, seed=args.seed, mode="federated", split=args.split,
-                  cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
-                  local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
-                  round_timeout=args.round_timeout, postprocess=args.postprocess,
-                  proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map),
-                  trim_beta=args.trim_beta, dp_clip=args.dp_clip, dp_noise=args.dp_noise, dp_mode=args.dp_mode,
-                  dp_delta=args.dp_delta, secagg=args.secagg or None, context=args.context,
-                  dp_drop_unclipped=args.dp_drop_unclipped, dp_insecure_seeded_noise=args.dp_insecure_seeded_noise)
+    recorded = _recorded(args, "federate")
+    if recorded is not None:
+        cfg = _on_the_record(recorded, args)
+    else:
+        _new_run_defaults(args, "federate")
+        overrides = _train_overrides(args)
+        overrides.pop("local_epochs")
+        overrides.pop("epochs")
+        cfg = resolve(args.preset, command="federate", out=args.out, sites=tuple(args.site), scheme=args.scheme,
+                      train_overrides=overrides, seed=args.seed, mode="federated", split=args.split,
+                      cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
+                      local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
+                      round_timeout=args.round_timeout, postprocess=args.postprocess,
+                      proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map),
+                      trim_beta=args.trim_beta, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
+                      dp_mode=args.dp_mode, dp_delta=args.dp_delta, secagg=args.secagg, context=args.context,
+                      dp_drop_unclipped=args.dp_drop_unclipped,
+                      dp_insecure_seeded_noise=args.dp_insecure_seeded_noise)
     out = federate(cfg, resume=args.resume)
     print(f"done: {out}")
     return 0
@@ -383,6 +462,8 @@ def cmd_evaluate(args) -> int:
         summary = evaluate(args.model, datasets, args.out, cases=args.cases or "test", seed=args.seed,
                            split_file=args.split, device=args.device, cache_dir=args.cache_dir,
                            postprocess=args.postprocess, label_map=label_map, compile=args.compile, qa=args.qa)
+    if summary.get("arguments", {}).get("normalisation"):
+        print(summary["arguments"]["normalisation"])  # a FedBN model: which normalisation layers were scored
     for line in mean_dice_lines(summary):
         print(line)
     warned = sum(bool(r["statistics"]["warnings"]) for r in summary["metric_per_case"])

@@ -210,6 +210,100 @@ class RunConfig:
         tmp.replace(path)
 
 
+#: RunConfig fields a resumed run may set anew: where and how fast it runs, not what it computes
+#: (``--device``, ``--cache-dir``, ``--round-timeout``, ``--threads``, ``--no-compile``); the rest of
+#: a resumed run comes from its ``config.json``, and a different value is refused
+EXECUTION_FIELDS = ("device", "cache_dir", "round_timeout", "train.num_threads", "train.compile")
+#: where the run is, what started it and its identity: not part of what it computes
+_NOT_COMPARED = ("command", "out", "run_id", "sites")
+#: what a site's data says about it (``with_site_facts``): compared where both configs know it
+SITE_FACTS = ("modality", "split", "train_slices")
+
+
+#: the command-line option that sets a RunConfig field (the one-line refusal of a resume names it)
+FIELD_OPTIONS = {
+    "preset": "--preset", "scheme": "--scheme", "seed": "--seed", "mode": "--mode", "rounds": "--rounds",
+    "local_epochs": "--local-epochs", "strategy": "--strategy", "min_sites": "--min-sites",
+    "proximal_mu": "--proximal-mu", "trim_beta": "--trim-beta", "dp_clip": "--dp-clip", "dp_noise": "--dp-noise",
+    "dp_mode": "--dp-mode", "dp_delta": "--dp-delta", "dp_insecure_seeded_noise": "--dp-insecure-seeded-noise",
+    "dp_drop_unclipped": "--dp-drop-unclipped", "secagg": "--secagg", "split": "--split",
+    "postprocess": "--no-postprocess", "label_map": "--label-map", "sites": "--site",
+    "model.in_channels": "--context", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
+    "train.lr": "--lr", "train.steps_per_epoch": "--steps-per-epoch", "train.gin": "--gin/--no-gin",
+    "train.gin_p": "--gin-p", "train.ipa": "--ipa/--no-ipa", "train.gin_views": "--gin-views",
+    "train.clean_view": "--clean-view", "train.consistency": "--consistency", "train.lr_schedule": "--lr-schedule",
+    "train.intensity_augment": "--no-intensity-augment",
+}
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in ("model", "preprocess", "train"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def config_differences(recorded: RunConfig, new: RunConfig) -> list[tuple[str, object, object]]:
+    """``(field, recorded value, new value)`` for every field in which ``new`` would compute
+    something else than the recorded run: the recipe, schedule, privacy, data and sites; not the
+    execution fields, the run dir or the run id. Dotted names (``train.lr``); a site's dataset as
+    ``sites``; where no setting differs, a fact the site's data gave (``SITE_FACTS``: its data
+    changed) as ``sites.<name>.<fact>``."""
+    old = _flat(json.loads(json.dumps(recorded.to_dict())))
+    cur = _flat(json.loads(json.dumps(new.to_dict())))
+    differ = []
+    for key in old.keys() | cur.keys():
+        if key in _NOT_COMPARED or key in EXECUTION_FIELDS:
+            continue
+        a, b = old.get(key), cur.get(key)
+        if key == "split" and _same_path(a, b):
+            continue
+        if a != b:
+            differ.append((key, a, b))
+    if [s.name for s in recorded.sites] != [s.name for s in new.sites] or not all(
+            _same_path(a.dataset, b.dataset) for a, b in zip(recorded.sites, new.sites)):
+        differ.append(("sites", " ".join(f"{s.name}={s.dataset}" for s in recorded.sites),
+                       " ".join(f"{s.name}={s.dataset}" for s in new.sites)))
+    elif not differ:  # the facts follow from the data and the settings: a changed setting explains them
+        for a, b in zip(recorded.sites, new.sites):
+            for fact in SITE_FACTS:
+                va, vb = getattr(a, fact), getattr(b, fact)
+                if va is not None and vb is not None and va != vb:
+                    differ.append((f"sites.{a.name}.{fact}", va, vb))
+    return sorted(differ, key=lambda d: d[0])
+
+
+def with_execution(recorded: RunConfig, new: RunConfig) -> RunConfig:
+    """The recorded run with ``new``'s execution fields (``EXECUTION_FIELDS``) and run dir (a run
+    dir moved since it was recorded continues where it is now)."""
+    top = {k: getattr(new, k) for k in (*EXECUTION_FIELDS, "out") if "." not in k}
+    train = {k.split(".", 1)[1]: getattr(new.train, k.split(".", 1)[1]) for k in EXECUTION_FIELDS
+             if k.startswith("train.")}
+    return replace(recorded, **top, train=replace(recorded.train, **train))
+
+
+def read_run_config(out: Path) -> RunConfig | None:
+    """The run's recorded ``out/config.json`` (None if there is none); a damaged one refused in one line."""
+    from .errors import FedginError
+
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise FedginError(f"{path}: damaged or not a fedgin run configuration ({type(exc).__name__}: {exc})") from None
+
+
 PRESETS: dict[str, dict] = {
     "quick": {
         "model": ModelConfig(channels=(16, 32, 64, 128)),

@@ -42,6 +42,19 @@ class Checkpoint:
         return model.to(device).eval()
 
 
+def normalisation_note(ckpt: Checkpoint) -> str | None:
+    """Which normalisation layers a FedBN checkpoint holds, in one line (None for other runs)."""
+    if ckpt.meta.get("strategy") != "fedbn":
+        return None
+    if ckpt.meta.get("normalisation") == "averaged":
+        return ("FedBN model: its normalisation layers are the sites' average, the model whose validation Dice "
+                "the run recorded and whose post-processing plan it decided; each site's own layers stayed at "
+                "the site")
+    return ("FedBN model of an older fedgin: its normalisation layers are the sites' average, but the run's "
+            "validation Dice and post-processing plan were measured with each site's own layers, not with "
+            "this model")
+
+
 def save_checkpoint(path: str | Path, state_dict: dict, *, model_config: ModelConfig, scheme: LabelScheme,
                     preprocess: PreprocessConfig, sites: list[dict], meta: dict,
                     extra: dict | None = None, postprocess: PostprocessPlan | None = None) -> Path:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, new_run_id, recorded_run_id
+from ..config import (FIELD_OPTIONS, RunConfig, config_differences, new_run_id, read_run_config,
+                      with_execution)
 from ..data.datasets import check_label_map_names
 from ..data.labels import get_scheme
 from ..data.sites import SiteData, load_site
@@ -47,17 +48,53 @@ class MetricsLog:
 
 
 def prepare_run_dir(cfg: RunConfig, *, resume: bool) -> Path:
+    """Create the run dir and record ``config.json``; a resumed run's recorded one is never
+    rewritten (see :func:`resume_run_config`)."""
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not resume:
         if (out / "config.json").exists():
             raise FedginError(f"{out}: run dir exists; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
-    # a resumed run keeps its identity (None for a run from before run ids); a new one draws one
-    resuming = resume and (out / "config.json").exists()
-    cfg = replace(cfg, run_id=recorded_run_id(out) if resuming else new_run_id())
+    if resume and (out / "config.json").exists():
+        return out  # the record of the run, kept as it is (its run id included)
+    # a run without a record (new, or resumed before config.json was written) draws its identity
+    cfg = replace(cfg, run_id=new_run_id())
     cfg.write(out / "config.json")
     return out
+
+
+def describe_differences(differ: list[tuple[str, object, object]], names: dict[str, str] = FIELD_OPTIONS) -> str:
+    """``--lr (recorded 0.001, now 0.002), ...`` for :func:`config_differences`' output."""
+    def shown(value) -> str:
+        return "none" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+    def name(field: str) -> str:
+        if field.startswith("sites.") and field.count(".") == 2:
+            site, fact = field.split(".")[1:]
+            return f"site {site}'s data ({fact})"
+        return names.get(field, field)
+
+    return ", ".join(f"{name(f)} (recorded {shown(a)}, now {shown(b)})" for f, a, b in differ)
+
+
+def resume_run_config(cfg: RunConfig, *, names: dict[str, str] = FIELD_OPTIONS,
+                      drop: str = "drop those options (--resume takes every setting from config.json)") -> RunConfig:
+    """The configuration a resumed run continues under: its recorded ``config.json``, with only
+    ``cfg``'s execution fields (device, cache, threads, compile, round timeout) taken anew. A
+    ``cfg`` that would train, schedule, aggregate or account privacy otherwise than the record (or
+    whose sites' data changed) is refused in one line naming each difference: continuing under new
+    settings would mix two runs (a poly schedule planned for other rounds, a privacy account that
+    misses the rounds released before). A run dir without ``config.json`` resumes as ``cfg``."""
+    recorded = read_run_config(Path(cfg.out))
+    if recorded is None:
+        return cfg
+    differ = config_differences(recorded, cfg)
+    if differ:
+        raise FedginError(f"{cfg.out}: a resumed run continues under its recorded configuration (config.json), "
+                          f"which this one changes: {describe_differences(differ, names)}; {drop} "
+                          "or start a new run with another --out")
+    return with_execution(recorded, cfg)
 
 
 def check_resumable(out: Path) -> None:
@@ -136,12 +173,15 @@ def train_non_federated(cfg: RunConfig, *, resume: bool = False, train_ids=None,
     cfg = with_site_facts(cfg, sites)
     if resume:
         check_resumable(Path(cfg.out))
+        cfg = resume_run_config(cfg)
     out = prepare_run_dir(cfg, resume=resume)
     if cfg.mode == "centralized":
         _train_one(cfg, out, sites, resume=resume, log=log)
     else:
         for site in sites:
             site_cfg = replace(cfg, out=str(out / site.name), sites=tuple(s for s in cfg.sites if s.name == site.name))
+            if resume:
+                site_cfg = resume_run_config(site_cfg)
             site_out = prepare_run_dir(site_cfg, resume=resume)
             _train_one(site_cfg, site_out, [site], resume=resume, log=log)
     return out

@@ -32,7 +32,7 @@ from ..data.cache import file_digest
 from ..data.datasets import _read_json, normalise_modality
 from ..data.nifti import label_header, read_header, read_header_info, read_volume, write_volume
 from ..data.preprocess import preprocess
-from ..engine.checkpoint import load_checkpoint
+from ..engine.checkpoint import load_checkpoint, normalisation_note
 from ..engine.inference import predict_labels, predict_labels_and_probabilities
 from ..engine.postprocess import body_side
 from ..engine.trainer import resolve_device
@@ -121,6 +121,9 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     ``qa``: ``qa.html`` and ``qa.npz`` (:mod:`fedgin.evaluation.qa`)."""
     check_output_folder(out)
     ckpt = load_checkpoint(model, checkpoint=checkpoint)
+    note = normalisation_note(ckpt)
+    if note:
+        log(note)
     src = Path(inputs)
     files = list_inputs(src)
     mod = infer_modality(src, ckpt.sites, modality)
@@ -140,7 +143,7 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
         with recorder:
             staged = _predict_all(files, stage, net, ckpt, mod, dev, options, log, recorder)
         arguments = {"input": inputs, "output": out, "model": str(model), "checkpoint": checkpoint,
-                     "modality": mod, "device": str(dev), **options,
+                     "modality": mod, "device": str(dev), **options, **({"normalisation": note} if note else {}),
                      "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
         _write_json(stage / "labels.json", ckpt.scheme.label_ids)
         provenance = _provenance(ckpt, files, arguments)

@@ -26,7 +26,7 @@ from ..data.labels import LabelScheme, normalise_label_map
 from ..data.nifti import spacing_of
 from ..data.sites import test_refs
 from ..data.splits import split_for
-from ..engine.checkpoint import Checkpoint, load_checkpoint
+from ..engine.checkpoint import Checkpoint, load_checkpoint, normalisation_note
 from ..engine.inference import predict_labels
 from ..engine.metrics import case_metrics, failure_keys, mean_sd, outcome_counts, share
 from ..engine.postprocess import body_side
@@ -218,6 +218,9 @@ def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", 
     args = {"model": model, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
             "label_map": effective, "postprocess": postprocess,
             "postprocess_plan": ckpt.postprocess.to_dict() if postprocess else None}
+    note = normalisation_note(ckpt)
+    if note:
+        args["normalisation"] = note
     summary = write_evaluation(Path(out), records, ckpt.scheme, args, model=str(ckpt.path), model_meta=ckpt.meta)
     if qa:
         evaluation_page(Path(out), summary, ckpt.scheme)

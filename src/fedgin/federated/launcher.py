@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import RunConfig
-from ..engine.runs import check_resumable, load_sites, prepare_run_dir, with_site_facts
+from ..engine.runs import check_resumable, load_sites, prepare_run_dir, resume_run_config, with_site_facts
 from ..errors import FedginError
 
 # Telemetry off and no runtime dependency installation, before Flower is imported.
@@ -39,6 +39,8 @@ def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
     cfg = with_site_facts(cfg, sites)
     if resume:
         check_resumable(Path(cfg.out))
+        # the recorded configuration, unchanged but for where and how fast this invocation runs
+        cfg = resume_run_config(cfg)
     out = prepare_run_dir(cfg, resume=resume)
     if not resume:
         (out / "metrics.jsonl").write_text("")
@@ -55,7 +57,7 @@ def federate(cfg: RunConfig, *, resume: bool = False, log=print) -> Path:
         f"{', secure aggregation (SecAgg+, experimental)' if cfg.secagg else ''}"
         f"{f', differential privacy (clip {cfg.dp_clip:g}, noise {cfg.dp_noise:g})' if cfg.dp_clip else ''} -> {out}")
     run_simulation(
-        server_app=make_server_app(str((out / "config.json").resolve())),
+        server_app=make_server_app(str((out / "config.json").resolve()), execution=cfg),
         client_app=client_app,
         num_supernodes=len(cfg.sites),
         backend_name="ray",

@@ -19,6 +19,8 @@ from ..engine.runs import MetricsLog
 from .task import nan_weighted_mean, numpy_to_state
 
 MODALITY_NAMES = {0: "CT", 1: "MRI"}
+#: what a FedBN checkpoint's normalisation layers are (its ``meta["normalisation"]``)
+FEDBN_NORMALISATION = "averaged"
 
 
 def _clean(value: float) -> float | None:
@@ -112,6 +114,10 @@ class RoundRecorder:
                 num_examples=int(t["num-examples"]) if t else None,
                 trained=bool(t),
                 **({"privacy": self.privacy[server_round]} if server_round in self.privacy else {}),
+                # FedBN: the global weights with this site's own normalisation layers (the model the
+                # site keeps; not the checkpoint, whose Dice is `dice`)
+                **({"dice_own_norm": {o: _clean(e.get(f"dice-own-norm-{o}")) for o in self.scheme.organs}}
+                   if any(k.startswith("dice-own-norm-") for k in e) else {}),
             )
         state = numpy_to_state(arrays, reference)
         plan, decision = self.decide_postprocessing(server_round)
@@ -119,6 +125,8 @@ class RoundRecorder:
                 "split": self.cfg.split, "label_map": self.cfg.label_map,
                 "gin": self.cfg.train.gin, "sites_replied": len(train), "time": time.time(),
                 "postprocess": decision, "privacy": self.privacy.get(server_round)}
+        if self.cfg.strategy == "fedbn":
+            meta["normalisation"] = FEDBN_NORMALISATION
         # written before the checkpoints: a round whose checkpoint exists has its decision
         write_decision(self.out / "postprocess.json", decision)
         kwargs = dict(model_config=self.cfg.model, scheme=self.scheme, preprocess=self.cfg.preprocess,

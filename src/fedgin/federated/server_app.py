@@ -21,11 +21,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import RunConfig, SiteSpec, new_run_id, recorded_run_id, resolve
+from ..config import RunConfig, SiteSpec, new_run_id, resolve, with_execution
+from ..engine.runs import resume_run_config
 from ..engine.model import build_model
 from ..errors import FedginError
 from .recorder import RoundRecorder
-from .privacy import make_private
+from .privacy import ACCOUNTANT_KEY, make_private
 from .secagg import run_secagg
 from .strategy import check_options, make_strategy
 from .task import norm_layer_keys, run_config_to_json, state_to_numpy
@@ -49,6 +50,10 @@ def config_from_run_config(run_config: dict) -> RunConfig:
     path = str(run_config.get("config-file", "") or "")
     if path:
         return RunConfig.from_dict(json.loads(Path(path).read_text()))
+    return _recorded_or_new(_config_from_keys(run_config))
+
+
+def _config_from_keys(run_config: dict) -> RunConfig:
     sites = []
     for item in str(run_config.get("sites", "") or "").split():
         name, sep, dataset = item.partition("=")
@@ -73,12 +78,26 @@ def config_from_run_config(run_config: dict) -> RunConfig:
                   **{field: kind(run_config[key]) for key, (field, kind) in FEDERATION_KEYS.items()
                      if run_config.get(key, "") != ""})
     check_options(cfg)
+    return cfg
+
+
+#: the run-config key that sets a RunConfig field (a refused resume of ``flwr run`` names it)
+RUN_CONFIG_KEYS = {"rounds": "rounds", "local_epochs": "local-epochs", "strategy": "strategy", "seed": "seed",
+                   "preset": "preset", "min_sites": "min-sites", "sites": "sites", "train.gin": "gin",
+                   **{field: key for key, (field, _) in FEDERATION_KEYS.items()},
+                   **{f"train.{field}": key for key, (field, _) in RECIPE_KEYS.items()}}
+
+
+def _recorded_or_new(cfg: RunConfig) -> RunConfig:
+    """``flwr run`` again on the same ``out`` resumes that run: under its recorded ``config.json``
+    (never rewritten; a run config that changes it is refused in one line naming the keys), with its
+    identity, by which the sites key their state. A new ``out`` records the run and draws its id."""
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # `flwr run` again on the same out resumes that run: it keeps the run's identity, by which the
-    # sites key their state
-    existing = (out_dir / "config.json").exists()
-    cfg = replace(cfg, run_id=recorded_run_id(out_dir) if existing else new_run_id())
+    if (out_dir / "config.json").exists():
+        return resume_run_config(cfg, names=RUN_CONFIG_KEYS,
+                                 drop="drop those keys (a resumed run takes every setting from config.json)")
+    cfg = replace(cfg, run_id=new_run_id())
     cfg.write(out_dir / "config.json")
     return cfg
 
@@ -112,6 +131,10 @@ def run_server(grid: Grid, cfg: RunConfig, log=print, context: Context | None = 
     )
     if private:
         strategy = make_private(strategy, cfg, num_sites)
+        if done and ACCOUNTANT_KEY not in strategy_state:
+            # the rounds already released would be missing from the account: it would start at zero
+            raise FedginError(f"{cfg.out}: the checkpoint of round {done} holds no privacy account, but this run "
+                              "is differentially private: it cannot continue the account; start a new run")
     if strategy_state:
         strategy.load_state(strategy_state)
     initial = arrays if arrays is not None else reference
@@ -131,8 +154,10 @@ def run_server(grid: Grid, cfg: RunConfig, log=print, context: Context | None = 
                    evaluate_fn=on_round_end)
 
 
-def make_server_app(config_file: str | None = None) -> ServerApp:
-    """A ServerApp bound to a ``config.json`` (``fedgin federate``) or reading Flower's run config."""
+def make_server_app(config_file: str | None = None, execution: RunConfig | None = None) -> ServerApp:
+    """A ServerApp bound to a ``config.json`` (``fedgin federate``) or reading Flower's run config;
+    ``execution``: a config whose execution fields (device, cache, threads, compile, round
+    timeout) this invocation runs with, where a resumed run's ``config.json`` recorded others."""
     server = ServerApp()
 
     @server.main()
@@ -140,7 +165,8 @@ def make_server_app(config_file: str | None = None) -> ServerApp:
         run_config = dict(context.run_config)
         if config_file:
             run_config["config-file"] = config_file
-        run_server(grid, config_from_run_config(run_config), context=context)
+        cfg = config_from_run_config(run_config)
+        run_server(grid, with_execution(cfg, execution) if execution is not None else cfg, context=context)
 
     return server
 

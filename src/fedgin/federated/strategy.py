@@ -195,8 +195,8 @@ class FedginMixin:
             for key, value in self.reference.items():
                 if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
                     plain[key] = averaged[key]
-        # FedBN: norm layers are still averaged here (the saved global model needs some), but each
-        # client overwrites them with its own before training and evaluating
+        # FedBN: norm layers are still averaged here: the saved global model needs some, and it is
+        # the model the sites validate each round; each site trains with its own
         fixed = restore_dtypes(plain, self.reference)
         return ArrayRecord({k: Array(v) for k, v in fixed.items()}), metrics
 

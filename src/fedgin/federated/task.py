@@ -166,25 +166,37 @@ def evaluate_round(cfg: RunConfig, site: SiteSpec, site_index: int, global_array
                    train_ids: list[str] | None = None) -> dict[str, float]:
     """Per-organ Dice of the global model on this site's validation cases (scalars only).
 
+    The global model is exactly what the server saves as the round's checkpoint (under FedBN too:
+    its normalisation layers are the sites' average), so the round's Dice and the post-processing
+    plan decided from it describe the model a user gets. Under FedBN (``local_arrays``: this site's
+    own normalisation layers) the site also scores the model it keeps for itself, the global
+    weights with its own layers, as ``dice-own-norm-<organ>``: a number about a model that is not
+    in any checkpoint, reported beside the other, never in its place.
+
     Metrics: ``num-examples`` (validation cases, at least 1), ``modality``, ``site-index``,
     ``dice-<organ>`` and ``dice-pp-<organ>`` (the same with the organ's candidate post-processing,
-    from which the server decides the run's plan); NaN where no validation case annotates the organ.
+    from which the server decides the run's plan), FedBN's ``dice-own-norm-<organ>``; NaN where no
+    validation case annotates the organ.
     """
     scheme = get_scheme(cfg.scheme)
     data = site_data(cfg, site, train_ids)
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model)
-    arrays = dict(global_arrays)
-    if local_arrays:
-        arrays.update(local_arrays)
-    model.load_state_dict(numpy_to_state(arrays, model.state_dict()))
-    trainer = Trainer(model, replace(cfg.train, gin=False), scheme, device)
-    dice, dice_pp = validation_scores(trainer.model, data.val, scheme, device) if data.val else ({}, {})
+
+    def scores(arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        model = build_model(cfg.model)
+        model.load_state_dict(numpy_to_state(arrays, model.state_dict()))
+        trainer = Trainer(model, replace(cfg.train, gin=False), scheme, device)
+        return validation_scores(trainer.model, data.val, scheme, device) if data.val else ({}, {})
+
+    dice, dice_pp = scores(global_arrays)
     metrics: dict[str, float] = {"num-examples": max(1, len(data.val)), "modality": MODALITY_CODES[data.modality],
                                  "site-index": int(site_index)}
-    for prefix, scores in (("dice", dice), ("dice-pp", dice_pp)):
+    kinds = [("dice", dice), ("dice-pp", dice_pp)]
+    if local_arrays:
+        kinds.append(("dice-own-norm", scores({**global_arrays, **local_arrays})[0]))
+    for prefix, values in kinds:
         for organ in scheme.organs:
-            value = scores.get(organ)
+            value = values.get(organ)
             metrics[f"{prefix}-{organ}"] = float("nan") if value is None else float(value)
     return metrics
 
