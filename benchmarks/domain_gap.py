@@ -10,7 +10,8 @@ Every (variant, budget) is one run, everything else equal:
   paper's setting, p = 1), ``gin-p0.5``, ``gin+ipa``, multi-view GIN with the consistency term
   (``*-2v-c2``, ``*-clean-c2``, ``ipa-3v-c2``), the old [0, 1] intensities (``*-unit``), a
   constant rate (``gin-constlr``), no standard intensity augmentation (``gin-noaug``) and a deeper
-  U-Net (``*-res2``: compare it with the preset's model at 1.25x the budget, equal wall time);
+  U-Net (``*-res2``: compare it with the preset's model at 1.25x the budget, equal wall time) and
+  2.5D context (``*-ctx3``: 3 neighbouring slices as input channels, compare with the 2D variant);
 - budgets (``--budgets``): total optimisation steps, each ``budget / --steps`` epochs of ``--steps``
   steps (``--epochs`` instead gives one budget of ``--epochs`` x ``--steps``).
 
@@ -107,12 +108,17 @@ VARIANTS = {
     "no-gin-res2": ({"gin": False, "gin_p": 1.0, "ipa": False, **_ONE_VIEW},
                     "GIN off, U-Net with 2 residual units per level (1.27x the time per step)"),
     "ipa-res2": ({**_IPA, **_ONE_VIEW}, "GIN + IPA, U-Net with 2 residual units per level"),
+    "ipa-p0.5-ctx3": ({**_IPA, "gin_p": 0.5, **_ONE_VIEW},
+                      "the preset's recipe (GIN + IPA on half of the slices), 2.5D: 3 slices as input channels"),
+    "no-gin-ctx3": ({"gin": False, "gin_p": 1.0, "ipa": False, **_ONE_VIEW}, "GIN off, 2.5D: 3 slices as input channels"),
 }
 # variants trained on another preprocessing than the preset's
 PREPROCESS = {"gin-unit": {"intensity": "unit"}, "no-gin-unit": {"intensity": "unit"}}
 # variants trained with another model than the preset's (compare at equal wall time: give the
 # preset's model 1.25x the budget)
-MODEL = {"no-gin-res2": {"num_res_units": 2}, "ipa-res2": {"num_res_units": 2}}
+MODEL = {"no-gin-res2": {"num_res_units": 2}, "ipa-res2": {"num_res_units": 2},
+         # 2.5D (--context 3): only the first convolution grows, so the time per step is about 2D's
+         "ipa-p0.5-ctx3": {"in_channels": 3}, "no-gin-ctx3": {"in_channels": 3}}
 DEFAULTS = {
     "phantom": {"variants": ("no-gin", "gin"), "steps": 50, "epochs": 12, "budgets": None,
                 "train_cases": 8, "test_cases": 8, "out": RESULTS / "domain_gap.json"},
