@@ -130,7 +130,8 @@ NO_QA_HELP = ("no qa.html (the interactive QA page: case table, slice viewer, or
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedgin", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks, and the third-party warnings and "
+                        "log lines (MONAI, Flower, Ray) that fedgin keeps out of the console by default")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fedgin {__version__}")
@@ -471,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fedgin: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    from .console import set_debugging
+
+    set_debugging(args.debug)
     try:
         _check_output_folders(args)
         if args.command == "data":

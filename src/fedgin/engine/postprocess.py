@@ -93,6 +93,18 @@ class PostprocessPlan:
     def __repr__(self) -> str:
         return f"PostprocessPlan({', '.join(f'{o}={n}' for o, n in self.keep_largest)})"
 
+    def describe(self) -> str:
+        """The plan in words, as the console and the QA page print it, e.g. ``liver: keep the
+        largest connected component; kidneys: keep the 2 largest connected components; every other
+        organ as predicted``."""
+        if self.empty:
+            return "none: every organ as predicted"
+        parts = [f"{organ}: keep the largest connected component" if n == 1
+                 else f"{organ}: keep the {n} largest connected components" for organ, n in self.keep_largest]
+        return "; ".join(parts + ["every other organ as predicted"])
+
+    __str__ = describe
+
     def to_dict(self) -> dict:
         return {"keep_largest_components": self.components, "connectivity": CONNECTIVITY}
 
