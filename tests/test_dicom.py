@@ -212,7 +212,7 @@ def test_only_localizers_no_dicom_and_a_single_file_are_refused(tmp_path, capsys
         capsys, "predict", "-i", tmp_path / "scout", "-o", tmp_path / "out", "--model", model)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    assert "no DICOM files in folder" in refused(
+    assert "no .nii or .nii.gz files and no DICOM files in folder" in refused(
         capsys, "predict", "-i", tmp_path / "empty", "-o", tmp_path / "out", "--model", model)
     assert "a DICOM file is one slice" in refused(
         capsys, "predict", "-i", tmp_path / "scout" / "IM0000", "-o", tmp_path / "out", "--model", model)

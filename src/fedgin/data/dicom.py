@@ -268,7 +268,7 @@ def scan_folder(root: Path) -> dict[str, list[tuple[Path, object]]]:
     (headers only; non-image objects passed over). Refuses a folder with no DICOM image."""
     files = dicom_files(root)
     if not files:
-        raise DataError(root, "no DICOM files in folder (and no .nii or .nii.gz files)")
+        raise DataError(root, "no DICOM files in folder")
     groups: dict[str, list[tuple[Path, object]]] = {}
     for path in files:
         header = _read_header(path)

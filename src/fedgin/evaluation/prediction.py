@@ -39,7 +39,7 @@ from ..atomic import publish, temp_path, write_text
 from ..config import package_versions
 from ..data.cache import file_digest
 from ..data.datasets import _read_json, normalise_modality
-from ..data.dicom import DicomSeries, find_series, is_dicom_file
+from ..data.dicom import DicomSeries, find_series, holds_dicom, is_dicom_file
 from ..data.nifti import label_header, read_header, read_header_info, read_volume, write_volume
 from ..data.preprocess import preprocess
 from ..engine.checkpoint import load_checkpoint
@@ -115,6 +115,8 @@ def list_inputs(path: Path, series: list[str] | None = None) -> list[CaseInput]:
         return [CaseInput(case_name(path), path)]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(NIFTI_ENDINGS))
     if not files:
+        if not holds_dicom(path):
+            raise DataError(path, "no .nii or .nii.gz files and no DICOM files in folder")
         return [CaseInput(name, s.folder, s) for name, s in find_series(path, series)]
     if series:
         raise FedginError(f"--series chooses a DICOM series; {path} holds NIfTI files")
