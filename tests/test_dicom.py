@@ -320,6 +320,7 @@ def test_the_shared_series_predicts_as_its_nifti(chaos_predictions):
                                                 series.shape, series.affine), labels)
 
 
+@pytest.mark.slow  # two evaluations of a 512 x 512 x 78 CT: HD95 of a body-sized prediction, a minute each
 def test_a_seg_of_the_shared_series_scores_as_its_nifti(chaos_predictions, tmp_path, capsys):
     ref = tmp_path / "Dataset900_Chaos"  # the reference in nnU-Net layout, the files linked
     (ref / "imagesTr").mkdir(parents=True)
@@ -389,3 +390,20 @@ def test_a_dicom_site_that_cannot_be_read_says_why(tmp_path, capsys):
     code, out, err = run(capsys, "data", "check", site)
     assert code == 2
     assert "non-uniform slice spacing" in err and "FAILED" in out
+
+
+def test_a_dicom_site_trains_and_evaluates(tmp_path, capsys):
+    site = tmp_path / "site"
+    for n in range(4):
+        volume, label = phantom_case((40, 36, 10), seed=n)
+        write_series(site / "images" / f"case_{n}", volume.astype(np.float32))
+        write_volume(site / "labels" / f"case_{n}.nii.gz", label, lps_affine())
+    (site / "dataset.json").write_text(json.dumps({"labels": dict(ABDOMEN_LABELS)}))
+    code, _, err = run(capsys, "train", "--site", f"ct={site}", "--mode", "local", "--out", tmp_path / "run",
+                       "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--threads", "1")
+    assert code == 0, err
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "run" / "ct", "--data", site, "--out",
+                       tmp_path / "eval", "--no-qa")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert [r["modality"] for r in summary["metric_per_case"]] == ["CT"]
