@@ -18,12 +18,13 @@ frame lies exactly on one slice of that grid. Pixels are decoded one frame at a 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import publish, temp_path
+from ..atomic import write_bytes
 from ..errors import DataError, FedginError
 
 #: DICOM's Segmentation Storage and Label Map Segmentation Storage SOP classes.
@@ -114,13 +115,9 @@ def write_seg(path: str | Path, labels: np.ndarray, series, scheme, *, model_dig
         content_creator_name="fedgin^" + ((model_name or "model")[:50]), series_description="fedgin organ segmentation",
         omit_empty_frames=True, transfer_syntax_uid=ExplicitVRLittleEndian)
     del frames
-    tmp = temp_path(path, ".dcm")
-    try:
-        seg.save_as(tmp)
-        return publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()  # a SEG of binary frames is small (bit-packed, organ frames only)
+    seg.save_as(buffer)
+    return write_bytes(path, buffer.getvalue())
 
 
 # --- reading -------------------------------------------------------------------------------------
