@@ -200,7 +200,7 @@ def test_predict_refuses_a_folder_without_nifti_files(tmp_path, checkpoint, caps
     (folder / "scan.dcm").write_bytes(b"DICM")
     line = refused(capsys, ["predict", "-i", folder, "-o", tmp_path / "pred", "--model", checkpoint],
                    [tmp_path])
-    assert_line(line, folder, r"no \.nii or \.nii\.gz files in folder")
+    assert_line(line, folder, r"no \.nii or \.nii\.gz files and no DICOM files in folder")
 
 
 def test_predict_names_a_missing_input(tmp_path, checkpoint, capsys):
@@ -401,8 +401,8 @@ MISUSE = {  # argv -> the whole error line, a regex; {tmp}, {data}, {image}, {mo
     "predict-output-is-a-file": (_predict(output="{file}"),
                                  r"fedgin: error: {file}: exists and is not a folder \(-o takes an output folder\)"),
     "predict-input-not-nifti": (["predict", "-i", "{file}", "-o", "{tmp}/pred", "--model", "{model}"],
-                                r"fedgin: error: {file}: not a NIfTI file \(-i takes a \.nii or \.nii\.gz file "
-                                r"or a folder of them\)"),
+                                r"fedgin: error: {file}: not a NIfTI file \(-i takes a \.nii or \.nii\.gz file, "
+                                r"a folder of them, or a DICOM series folder\)"),
     "predict-bad-modality": (_predict("--modality", "PET"),
                              _argument("--modality", r"invalid choice: 'PET' \(choose from .*\)", "predict")),
     "predict-no-model": (["predict", "-i", "{image}", "-o", "{tmp}/pred"],

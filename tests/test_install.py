@@ -29,7 +29,7 @@ def test_a_built_wheel_installed_elsewhere_checks_trains_and_evaluates(tmp_path,
     # checkout gets none
     source = tmp_path / "source"
     shutil.copytree(REPO / "src" / "fedgin", source / "src" / "fedgin", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",

@@ -134,7 +134,8 @@ NO_QA_HELP = ("no qa.html (the interactive QA page: case table, slice viewer, or
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedgin", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks, and the third-party warnings and "
+                        "log lines (MONAI, Flower, Ray) that fedgin keeps out of the console by default")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fedgin {__version__}")
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     scored = p.add_mutually_exclusive_group(required=True)
     scored.add_argument("--model", help="run dir or checkpoint file: predict and score")
     scored.add_argument("--pred", metavar="DIR", help="folder of label maps {case_id}.nii.gz (nnU-Net, "
-                        "TotalSegmentator, fedgin predict, ...) to score as they are")
+                        "TotalSegmentator, fedgin predict, ...) or DICOM SEGs {case_id}.seg.dcm / .dcm, "
+                        "to score as they are")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DATASET",
                    help="reference dataset folders (repeatable)")
     p.add_argument("--ref", action="append", default=[], metavar="DATASET",
@@ -253,8 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-qa", dest="qa", action="store_false", help=NO_QA_HELP)
     _add_label_map(p, " (default: the map the model was trained with; these entries go on top)")
 
-    p = sub.add_parser("predict", help="NIfTI in, NIfTI label map out (input geometry and header kept)")
-    p.add_argument("-i", "--input", required=True, help="a NIfTI file or a folder of them")
+    p = sub.add_parser("predict", help="NIfTI or DICOM in, NIfTI label map and/or DICOM SEG out (input grid kept)")
+    p.add_argument("-i", "--input", required=True, help="a NIfTI file or a folder of them, a DICOM series folder, "
+                   "or a folder of DICOM series folders (one output per series)")
+    p.add_argument("--series", action="append", metavar="UID",
+                   help="DICOM input: predict only the series with this SeriesInstanceUID (repeatable; needed "
+                        "where one folder holds several series)")
+    p.add_argument("--output-type", action="append", metavar="nifti|dicom-seg",
+                   help="nifti: {case}.nii.gz (default); dicom-seg: {case}.seg.dcm, a DICOM SEG referencing the "
+                        "series (DICOM input only); repeatable or comma-separated, both allowed")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--model", required=True, help="run dir or checkpoint file")
     p.add_argument("--checkpoint", metavar="last|round_N|epoch_N",
@@ -473,12 +482,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .evaluation.prediction import predict
+    from .evaluation.prediction import parse_output_types, predict
 
     written = predict(args.input, args.output, args.model, modality=args.modality, masks=args.masks,
                       device=args.device, postprocess=args.postprocess, checkpoint=args.checkpoint,
                       save_probabilities=args.save_probabilities, compile=args.compile,
-                      statistics=args.statistics, qa=args.qa)
+                      statistics=args.statistics, qa=args.qa, series=args.series,
+                      output_types=parse_output_types(args.output_type))
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
 
@@ -542,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fedgin: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    from .console import set_debugging
+
+    set_debugging(args.debug)
     try:
         _check_output_folders(args)
         if args.command == "data":

@@ -402,7 +402,7 @@ def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("fedgin", "torch", "monai", "flwr", "numpy", "nibabel"):
+    for name in ("fedgin", "torch", "monai", "flwr", "numpy", "nibabel", "pydicom", "highdicom"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

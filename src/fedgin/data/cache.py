@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import current_umask
-from .datasets import CaseRef
+from .datasets import CaseRef, read_image
 from .labels import LabelScheme
 from .npy import DamagedArray, NpyVolume
-from .nifti import read_volume
 from .preprocess import Geometry, PreprocessConfig, Preprocessed, preprocess
 
 CACHE_FORMAT = 2
@@ -55,15 +54,24 @@ def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate
     return _memo[key]
 
 
+def input_digest(path: Path) -> str:
+    """:func:`file_digest` of a file; of a DICOM series folder, the SHA-256 over its files' digests."""
+    if not path.is_dir():
+        return file_digest(path)
+    from .dicom import dicom_files
+
+    return hashlib.sha256("".join(file_digest(p) for p in dicom_files(path)).encode()).hexdigest()
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """SHA-256 over the source of the modules whose code decides an entry's content (reading,
     label mapping, preprocessing): editing any of them gives every case a new key."""
-    from . import datasets, labels, nifti
+    from . import datasets, dicom, dicom_seg, labels, nifti
     from . import preprocess as preprocess_module
 
     digest = hashlib.sha256()
-    for module in (datasets, nifti, preprocess_module, labels):
+    for module in (datasets, nifti, dicom, dicom_seg, preprocess_module, labels):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -75,7 +83,7 @@ def cache_key(case: CaseRef, scheme: LabelScheme, cfg: PreprocessConfig, *, imag
         **({"image_only": True} if image_only else {}),
         "format": CACHE_FORMAT,
         "code": code_version(),
-        "files": [file_digest(Path(f)) for f in files],
+        "files": [input_digest(Path(f)) for f in files],
         "mask_ids": [i for _, i in case.masks],
         "lut": list(case.lut) if case.lut else None,
         "modality": case.modality,
@@ -108,7 +116,7 @@ def load_case(
     labelled voxels outside it); what validation and ``fedgin evaluate --model`` score."""
     def compute() -> Preprocessed:
         if image_only:
-            image, affine = read_volume(case.image, kind="image")
+            image, affine = read_image(case.image)
             return preprocess(image, affine, case.modality, cfg)
         image, label, affine = case.read(scheme)
         return preprocess(image, affine, case.modality, cfg, label)

@@ -1,4 +1,5 @@
-"""Dataset adapters: nnU-Net v2 raw folders, TotalSegmentator subject folders and AMOS 2022.
+"""Dataset adapters: nnU-Net v2 raw folders, TotalSegmentator subject folders, AMOS 2022 and DICOM
+sites (one series folder per case, labels as DICOM SEG or NIfTI).
 
 Each adapter turns a folder into a :class:`Dataset` of :class:`CaseRef` s. A case knows its
 modality, its files, how its source labels map to the label scheme (one declared table per source,
@@ -25,7 +26,8 @@ from .labels import (
     fines_of_label,
     normalise_label_map,
 )
-from .nifti import read_header_info, read_volume, spatial_shape
+from .nifti import read_volume
+from .volumes import check_same_grid, image_grid, is_seg_path, map_label_ids, read_image, read_raw_label
 
 MODALITY_NAMES: dict[str, str] = {
     "ct": "CT",
@@ -70,19 +72,18 @@ class CaseRef:
 
     def read(self, scheme: LabelScheme) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Image (float32), label in scheme ids (uint8, or None) and the image affine."""
-        image, affine = read_volume(self.image, kind="image")
+        image, affine = read_image(self.image)
         return image, self._read_label(image.shape, affine), affine
 
     def read_label(self) -> tuple[np.ndarray | None, np.ndarray]:
         """The label in scheme ids (uint8, or None) and the image affine, without reading the image's
         voxels (its header gives the grid the label must share)."""
-        shape, affine = read_header_info(self.image)
-        return self._read_label(spatial_shape(shape), affine), affine
+        shape, affine = image_grid(self.image)
+        return self._read_label(shape, affine), affine
 
     def _read_label(self, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray | None:
         if self.label is not None:
-            raw, label_affine = read_volume(self.label, kind="label")
-            check_same_grid(self.label, shape, affine, raw.shape, label_affine)
+            raw = read_raw_label(self.label, shape, affine)
             return map_label_ids(raw, self.lut, self.label)
         if not self.masks:
             return None
@@ -94,29 +95,6 @@ class CaseRef:
                 raise DataError(mask_path, f"binary mask expected, found value {int(mask.max())}")
             label[mask > 0] = class_id
         return label
-
-
-def map_label_ids(raw: np.ndarray, lut: tuple[int, ...], where: Path | None,
-                  mapping: str = "the dataset's label mapping") -> np.ndarray:
-    """Source label ids -> scheme ids through ``lut`` (-1: undeclared); an id outside it is an
-    error naming ``where`` and ``mapping``."""
-    table = np.asarray(lut, dtype=np.int16)
-    present = np.unique(raw)
-    unknown = present[present >= len(table)]
-    if unknown.size == 0:
-        unknown = present[table[present] < 0]
-    if unknown.size:
-        raise DataError(where, f"label ids {unknown.tolist()} are not in {mapping}")
-    return table[raw].astype(np.uint8)
-
-
-def check_same_grid(path, image_shape, image_affine, label_shape, label_affine, *,
-                    what: str = "label", against: str = "image") -> None:
-    """``path`` (a ``what``) must share the voxel grid (shape and affine) of the ``against`` volume."""
-    if tuple(image_shape) != tuple(label_shape):
-        raise DataError(path, f"{what} shape {tuple(label_shape)} != {against} shape {tuple(image_shape)}")
-    if not np.allclose(image_affine, label_affine, atol=1e-3, rtol=1e-5):
-        raise DataError(path, f"{what} affine differs from the {against} affine")
 
 
 @dataclass
@@ -398,6 +376,79 @@ def read_amos(root: Path, scheme: LabelScheme, modality: str | None = None) -> D
                    cases=by_modality[modality])
 
 
+# --- DICOM sites ------------------------------------------------------------------------------
+
+DICOM_LABEL_ENDINGS = (".seg.dcm", ".dcm", ".nii.gz", ".nii")
+
+
+def _dicom_label(labels_dir: Path, case_id: str) -> Path | None:
+    found = [labels_dir / f"{case_id}{e}" for e in DICOM_LABEL_ENDINGS if (labels_dir / f"{case_id}{e}").is_file()]
+    if len(found) > 1:
+        raise DataError(labels_dir, f"case {case_id} has {len(found)} label files ({', '.join(f.name for f in found)})")
+    return found[0] if found else None
+
+
+def read_dicom_site(root: Path, scheme: LabelScheme, label_map: Mapping[str, str] | None = None) -> Dataset:
+    """A DICOM site: ``images/{case}/`` one DICOM series folder per case (CT or MR, one modality
+    per site, from the Modality tags), ``labels/{case}.seg.dcm`` (a DICOM SEG on that series; its
+    segments named by SNOMED CT code or label) or ``labels/{case}.nii.gz`` (a NIfTI on the series'
+    grid as fedgin reads it, with ``dataset.json`` ``labels`` saying which id is which organ), and
+    an optional ``manifest.json`` (annotated organs per case, as for nnU-Net). A case without a
+    label is a test case."""
+    from .dicom import dicom_files, find_series
+    from .dicom_seg import read_segments
+
+    images_dir = root / "images"
+    folders = sorted(p for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(images_dir, "no case folders (images/{case}/ holding one DICOM series each)")
+    meta_path = root / "dataset.json"
+    meta = _read_json(meta_path) if meta_path.exists() else {}
+    annotations = _manifest_annotations(root)
+    nifti_lut = None
+    modalities: dict[str, str] = {}
+    dataset = Dataset(name=root.name, root=root, modality="", source="dicom")
+    names: set[str] = set()
+    for folder in folders:
+        if not dicom_files(folder):
+            raise DataError(folder, "no DICOM files in this case folder")
+        found = find_series(folder)
+        if len(found) > 1:
+            raise DataError(folder, f"{len(found)} series in one case folder: a DICOM site holds one series per case")
+        series = found[0][1]
+        modalities[folder.name] = series.modality
+        label = _dicom_label(root / "labels", folder.name)
+        lut, covered = None, ()
+        if label is not None and is_seg_path(label):
+            segments = read_segments(label)
+            names.update(n for n in segments if n != "background")
+            lut, covered = scheme_lut(segments, scheme, label, label_map)
+        elif label is not None:
+            if nifti_lut is None:
+                if not isinstance(meta.get("labels"), dict):
+                    raise DataError(meta_path, "NIfTI labels need dataset.json with labels {name: id}")
+                nifti_lut = scheme_lut(meta["labels"], scheme, meta_path, label_map)
+                names.update(str(n) for n in meta["labels"] if str(n).lower() != "background")
+            lut, covered = nifti_lut
+        annotated, annotated_fine = _annotated(scheme, covered, annotations.get(folder.name),
+                                               root / "manifest.json", label_map)
+        ref = CaseRef(case_id=folder.name, dataset=root.name, modality=series.modality, image=folder,
+                      label=label, lut=lut, annotated=annotated if label is not None else (), source="dicom",
+                      annotated_fine=annotated_fine if label is not None else ())
+        (dataset.cases if label is not None else dataset.test_cases).append(ref)
+    if len(set(modalities.values())) > 1:
+        raise DataError(root, "cases mix CT and MR series; give each modality its own site")
+    dataset.modality = next(iter(modalities.values()))
+    dataset.label_names = tuple(sorted(names))
+    if not dataset.cases:
+        raise DataError(root / "labels", "no case has a label (labels/{case}.seg.dcm or labels/{case}.nii.gz)")
+    return dataset
+
+
+def _is_dicom_site(root: Path) -> bool:
+    return (root / "images").is_dir() and not (root / "imagesTr").is_dir()
+
+
 def _is_amos(root: Path) -> bool:
     return any(AMOS_NAME.match(p.name) for p in (root / "imagesTr").glob("amos_*.nii.gz"))
 
@@ -423,12 +474,14 @@ def open_dataset(path: str | Path, scheme: LabelScheme, *, modality: str | None 
         raise DataError(root, "expected a dataset folder")
     if (root / "imagesTr").is_dir() and _is_amos(root):
         return read_amos(root, scheme, modality)
+    if _is_dicom_site(root):
+        return read_dicom_site(root, scheme, label_map)
     if (root / "dataset.json").exists():
         return read_nnunet(root, scheme, label_map)
     if _totalseg_subjects(root):
         return read_totalsegmentator(root, scheme, label_map)
-    raise DataError(root, "not a dataset: no dataset.json (nnU-Net), amos_XXXX files (AMOS) "
-                          "or sXXXX/segmentations/ folders (TotalSegmentator)")
+    raise DataError(root, "not a dataset: no dataset.json (nnU-Net), amos_XXXX files (AMOS), "
+                          "sXXXX/segmentations/ folders (TotalSegmentator) or images/{case}/ DICOM series (DICOM site)")
 
 
 def check_label_map_names(label_map: Mapping[str, str] | None, datasets: Iterable[Dataset],

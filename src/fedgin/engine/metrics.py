@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 
+from ..console import ignoring
+
 
 def dice_score(pred: np.ndarray, ref: np.ndarray) -> float | None:
     """Dice of two boolean volumes; None when both are empty."""
@@ -28,7 +30,11 @@ def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, floa
         return None
     p = torch.from_numpy(pred[None, None].astype(np.uint8))
     r = torch.from_numpy(ref[None, None].astype(np.uint8))
-    value = compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))
+    # MONAI 1.5-1.6 passes its own deprecated always_return_as_numpy to get_mask_edges inside
+    # compute_hausdorff_distance (metrics/utils.py, get_edge_surface_distance): no argument of ours
+    # avoids the FutureWarning, so it is dropped here, where fedgin triggers it
+    with ignoring(FutureWarning, r".*always_return_as_numpy"):
+        value = compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))
     return float(value.item())
 
 

@@ -187,6 +187,22 @@ class PostprocessPlan:
         kept = (f"{o}={n}" + (f" ({sides[o]})" if o in sides else "") for o, n in self.keep_largest)
         return f"PostprocessPlan({', '.join(kept)})"
 
+    def describe(self) -> str:
+        """The plan in words, as the console and the QA page print it, e.g. ``liver: keep the
+        largest connected component; kidneys: keep the 2 largest connected components; every other
+        organ as predicted``."""
+        if self.empty:
+            return "none: every organ as predicted"
+        sides = dict(self.sides)
+        where = {"right": " right of the body's midline", "left": " left of the body's midline",
+                 "both": ", one on each side of the body's midline"}
+        parts = [(f"{organ}: keep the largest connected component" if n == 1
+                  else f"{organ}: keep the {n} largest connected components") + where.get(sides.get(organ), "")
+                 for organ, n in self.keep_largest]
+        return "; ".join(parts + ["every other organ as predicted"])
+
+    __str__ = describe
+
     def to_dict(self) -> dict:
         return {"keep_largest_components": self.components, "side_of_body": dict(self.sides),
                 "connectivity": CONNECTIVITY}

@@ -229,7 +229,7 @@ def _train_one(cfg: RunConfig, out: Path, sites: list[SiteData], *, resume: bool
             plan, meta["postprocess"] = decide_postprocessing(cfg, model, sites, device)
             # written before the checkpoints: a run whose last checkpoint exists has its decision
             write_decision(out / "postprocess.json", meta["postprocess"])
-            log(f"[{desc}] post-processing decided on validation cases: {plan}")
+            log(f"[{desc}] post-processing decided on validation cases: {plan.describe()}")
         path = save_checkpoint(out / "checkpoints" / f"epoch_{result.epoch:03d}.pt", model.state_dict(),
                                model_config=cfg.model, scheme=scheme, preprocess=cfg.preprocess,
                                sites=records, meta=meta, extra=extra, postprocess=plan)

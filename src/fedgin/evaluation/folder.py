@@ -8,6 +8,11 @@ writes), else ``DIR/dataset.json``'s ``labels`` (``nnUNetv2_predict`` copies its
 the reference dataset's own label ids; ``--label-map`` applies to those names too. Predictions are
 scored as they are: no post-processing.
 
+A prediction may also be a DICOM SEG, ``{case_id}.seg.dcm`` (``fedgin predict --output-type
+dicom-seg``) or ``{case_id}.dcm``: its segments say which organ they are (SNOMED CT code, else
+segment label), and its frames are placed on the reference image's grid (a DICOM series' or a
+NIfTI's), each on one slice, pixel for pixel; a SEG that does not lie on that grid is refused.
+
 Where ``DIR`` has a ``provenance.json`` (``fedgin predict``), its model's label scheme, split seed,
 split file and label map are the defaults, as ``--model`` takes them from the checkpoint.
 """
@@ -26,15 +31,22 @@ from ..data.datasets import (
     _read_json,
     check_label_map_names,
     check_same_grid,
+    image_grid,
+    is_seg_path,
     map_label_ids,
     open_dataset,
+    read_image,
+    read_raw_label,
     scheme_lut,
 )
 from ..data.labels import DEFAULT_SCHEME, LabelScheme, get_scheme
-from ..data.nifti import read_header_info, read_volume, spacing_of, spatial_shape
+from ..data.nifti import read_header_info, spacing_of, spatial_shape
 from ..engine.metrics import case_metrics
 from ..errors import DataError, FedginError
-from .prediction import NIFTI_ENDINGS
+from .prediction import NIFTI_ENDINGS, SEG_ENDING
+
+#: Endings of prediction files: NIfTI label maps and DICOM SEGs.
+PREDICTION_ENDINGS = NIFTI_ENDINGS + (SEG_ENDING, ".dcm")
 from .qa import CaseRecorder, evaluation_page
 from .scoring import cases_to_score, merged_label_map, write_evaluation
 
@@ -44,14 +56,15 @@ PRED_CASES = ("predicted", "test", "all")
 
 
 def prediction_files(folder: Path) -> dict[str, Path]:
-    """``{case id: file}`` of the NIfTI files in ``folder`` (case id: the name without ``.nii.gz``/``.nii``)."""
+    """``{case id: file}`` of the NIfTI files and DICOM SEGs in ``folder`` (case id: the name
+    without ``.nii.gz``/``.nii``/``.seg.dcm``/``.dcm``)."""
     if not folder.exists():
         raise DataError(folder, "prediction folder not found")
     if not folder.is_dir():
-        raise DataError(folder, "expected a folder of predictions ({case_id}.nii.gz)")
+        raise DataError(folder, "expected a folder of predictions ({case_id}.nii.gz or {case_id}.seg.dcm)")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        ending = next((e for e in NIFTI_ENDINGS if path.name.endswith(e)), None)
+        ending = next((e for e in PREDICTION_ENDINGS if path.name.lower().endswith(e)), None)
         if ending is None or not path.is_file():
             continue
         case = path.name[: -len(ending)]
@@ -59,7 +72,7 @@ def prediction_files(folder: Path) -> dict[str, Path]:
             raise DataError(path, f"a second prediction for case {case} (also {files[case].name})")
         files[case] = path
     if not files:
-        raise DataError(folder, "no .nii or .nii.gz files in folder")
+        raise DataError(folder, "no .nii, .nii.gz or DICOM SEG (.seg.dcm, .dcm) files in folder")
     return files
 
 
@@ -112,20 +125,34 @@ def _check_grids(refs: list[CaseRef], files: dict[str, Path]) -> None:
     """Every prediction on its reference's grid, from the headers alone (before any scoring)."""
     for ref in refs:
         path = files[ref.case_id]
+        ref_shape, ref_affine = image_grid(ref.image)
+        if is_seg_path(path):
+            from ..data.dicom_seg import check_seg_grid
+
+            check_seg_grid(path, ref_shape, ref_affine)
+            continue
         shape, affine = read_header_info(path)
-        ref_shape, ref_affine = read_header_info(ref.image)
-        check_same_grid(path, spatial_shape(ref_shape), ref_affine, spatial_shape(shape), affine,
+        check_same_grid(path, ref_shape, ref_affine, spatial_shape(shape), affine,
                         what="prediction", against="reference")
 
 
-def _luts(refs: list[CaseRef], folder: Path, scheme: LabelScheme, label_map: Mapping[str, str] | None,
-          labels: tuple[dict, Path] | None) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Per case: the LUT prediction id -> scheme id, and what it comes from (for errors)."""
-    if labels is not None:
-        lut, _ = scheme_lut(labels[0], scheme, labels[1], label_map)
-        return {r.case_id: (lut, labels[1].name) for r in refs}
+def _luts(refs: list[CaseRef], files: dict[str, Path], folder: Path, scheme: LabelScheme,
+          label_map: Mapping[str, str] | None, labels: tuple[dict, Path] | None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per case: the LUT prediction id -> scheme id, and what it comes from (for errors); a DICOM
+    SEG's from its own segments."""
     out = {}
     for ref in refs:
+        path = files[ref.case_id]
+        if is_seg_path(path):
+            from ..data.dicom_seg import read_segments
+
+            out[ref.case_id] = (scheme_lut(read_segments(path), scheme, path, label_map)[0], f"{path.name}'s segments")
+    if labels is not None:
+        lut, _ = scheme_lut(labels[0], scheme, labels[1], label_map)
+        return {r.case_id: out.get(r.case_id, (lut, labels[1].name)) for r in refs}
+    for ref in refs:
+        if ref.case_id in out:
+            continue
         if ref.lut is None:
             raise DataError(folder, f"no labels.json to say which organ each prediction id is, and reference "
                                     f"{ref.dataset} ({ref.source}) has no label ids to go by")
@@ -143,7 +170,7 @@ def score_predictions(refs: list[CaseRef], files: dict[str, Path], luts: dict, s
         start = time.perf_counter()
         reference, affine = ref.read_label()  # the grids were checked from the headers up front
         path = files[ref.case_id]
-        raw, _ = read_volume(path, kind="label")
+        raw = read_raw_label(path, reference.shape, affine)
         lut, source = luts[ref.case_id]
         pred = map_label_ids(raw, lut, path, source)
         scores = case_metrics(pred, reference, organs, ref.annotated, spacing_of(affine), with_hd95=with_hd95)
@@ -151,7 +178,7 @@ def score_predictions(refs: list[CaseRef], files: dict[str, Path], luts: dict, s
                         "annotated": list(ref.annotated), "metrics": scores, "prediction_file": str(path),
                         "seconds": time.perf_counter() - start})
         if recorder is not None:
-            image, _ = read_volume(ref.image, kind="image")
+            image, _ = read_image(ref.image)
             records[-1]["statistics"] = recorder.add(ref.case_id, ref.dataset, ref.modality, image, affine,
                                                      pred, reference)
     return records
@@ -179,9 +206,14 @@ def evaluate_folder(pred: str, datasets: list[str], out: str, *, cases: str = "p
     opened = [open_dataset(path, label_scheme, label_map=effective) for path in datasets]
     labels = prediction_labels(folder)
     names = [str(n) for n in labels[0]] if labels is not None else []
+    for path in files.values():
+        if is_seg_path(path):
+            from ..data.dicom_seg import read_segments
+
+            names += list(read_segments(path))
     check_label_map_names(label_map, opened, names)
     refs = _pick_cases(opened, files, folder, cases=cases, seed=seed, split_file=split_file)
-    luts = _luts(refs, folder, label_scheme, effective, labels)
+    luts = _luts(refs, files, folder, label_scheme, effective, labels)
     _check_grids(refs, files)
     with CaseRecorder.for_evaluation(out, label_scheme, qa) as recorder:
         records = score_predictions(refs, files, luts, label_scheme, recorder=recorder)

@@ -28,6 +28,7 @@ from ..atomic import publish, temp_path
 from ..data.cache import file_digest
 from ..data.labels import LabelScheme
 from ..data.nifti import read_volume
+from ..engine.postprocess import PostprocessPlan
 from .qa_views import ViewWriter, case_view, read_views
 from .statistics import STATISTICS_DIR, case_statistics, statistics_path, write_statistics
 
@@ -208,7 +209,7 @@ def _plan_text(plan: dict | None, applied: bool) -> str:
         return "none (not applied)"
     if not plan or not plan.get("keep_largest_components"):
         return "none (the model's plan keeps every component)"
-    return "keep the largest connected components: " + json.dumps(plan)
+    return PostprocessPlan.from_dict(plan).describe()
 
 
 def evaluation_page(folder: Path, summary: dict, scheme: LabelScheme) -> Path:

@@ -135,7 +135,7 @@ class RoundRecorder:
         save_checkpoint(self.out / "checkpoints" / "last.pt", state, **kwargs)
         self._progress(server_round, train, evaluate)
         if server_round == self.cfg.rounds:
-            self.log(f"post-processing decided on the sites' validation cases: {plan}")
+            self.log(f"post-processing decided on the sites' validation cases: {plan.describe()}")
             line = self.privacy_line(server_round)
             if line:
                 self.log(line)
