@@ -29,8 +29,9 @@ from fedgin.data.preprocess import PreprocessConfig
 from fedgin.data.sites import CaseData
 from fedgin.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedgin.engine.model import ModelConfig, build_model
-from fedgin.engine.postprocess import (SIDE_OF_BODY, BodySide, PostprocessPlan, body_side, candidate_plan,
-                                      decide_plan, keep_largest_components, validation_scores)
+from fedgin.data.body import BodySide, body_side
+from fedgin.engine.postprocess import (SIDE_OF_BODY, PostprocessPlan, candidate_plan, decide_plan,
+                                      keep_largest_components, validation_scores)
 from fedgin.engine.runs import decide_postprocessing
 from fedgin.engine.trainer import Trainer
 from fedgin.errors import ModelError

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .body import BodySide, body_side
 from .cache import load_case, organ_slices
 from .datasets import CaseRef, Dataset, open_dataset
 from .labels import LabelScheme
@@ -59,7 +60,7 @@ class ValidationCase:
     reference: np.ndarray
     annotated: np.ndarray
     ref: CaseRef
-    body: "BodySide | None" = None  # the post-processing's side rule (fedgin.engine.postprocess)
+    body: BodySide | None = None  # for the post-processing's side rule (fedgin.engine.postprocess)
 
 
 @dataclass
@@ -98,8 +99,6 @@ def load_validation_case(ref: CaseRef, scheme: LabelScheme, cfg: PreprocessConfi
                          cache_dir: Path | None) -> ValidationCase:
     """``ref`` as :class:`ValidationCase`: its image preprocessed alone (through the cache, read a
     slice at a time) and its label on the input grid."""
-    from ..engine.postprocess import body_side
-
     pre = load_case(ref, scheme, cfg, cache_dir, in_memory=False, image_only=True)
     image, reference, affine = ref.read(scheme)
     if reference is None:

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..atomic import publish, temp_path, write_text
 from ..config import package_versions
+from ..data.body import body_side
 from ..data.cache import file_digest
 from ..data.datasets import _read_json, normalise_modality
 from ..data.dicom import DicomSeries, find_series, holds_dicom, is_dicom_file
@@ -44,7 +45,6 @@ from ..data.nifti import label_header, read_header, read_header_info, read_volum
 from ..data.preprocess import preprocess
 from ..engine.checkpoint import load_checkpoint, normalisation_note
 from ..engine.inference import predict_labels, predict_labels_and_probabilities
-from ..engine.postprocess import body_side
 from ..engine.trainer import resolve_device
 from ..errors import DataError, FedginError
 from .qa import CaseRecorder, prediction_page

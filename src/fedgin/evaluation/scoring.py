@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text
 from ..config import package_versions
+from ..data.body import body_side
 from ..data.cache import load_case
 from ..data.datasets import CaseRef, Dataset, check_label_map_names, open_dataset
 from ..data.labels import LabelScheme, normalise_label_map
@@ -29,7 +30,6 @@ from ..data.splits import split_for
 from ..engine.checkpoint import Checkpoint, load_checkpoint, normalisation_note
 from ..engine.inference import predict_labels
 from ..engine.metrics import case_metrics, failure_keys, mean_sd, outcome_counts, share
-from ..engine.postprocess import body_side
 from ..engine.trainer import resolve_device
 from ..errors import FedginError
 from .qa import CaseRecorder, evaluation_page
