@@ -1,13 +1,14 @@
 """The default recipe on the real bundle, as a new user runs it: ``fedgin federate`` with no
-options but the sites (the ``standard`` preset: 60 rounds, 6000 steps per site), FedGIN against
-``--no-gin`` (FedAvg), then ``fedgin evaluate`` on the shipped test split.
+options but the sites (the ``standard`` preset: 60 rounds, 6000 steps per site, 2.5D), the same
+in 2D (``--context 1``) and FedAvg in 2D (``--no-gin --context 1``), then ``fedgin evaluate`` on the
+shipped test split.
 
 Per method: the wall time of ``fedgin federate`` on this machine (the goal: at most 20 minutes on
 2 cores), each site's validation Dice after the last round (the run's own ``metrics.jsonl``, liver,
 kidneys, spleen), and the test split's per-organ Dice, HD95 and failure counts per modality (the
 evaluation's ``summary.json``). Everything else is equal: seed 0, the same preset, the same code.
 
-Usage: ``python benchmarks/default_budget.py --work DIR [--methods fedgin,fedavg]``. A method whose
+Usage: ``python benchmarks/default_budget.py --work DIR [--methods fedgin,fedgin-2d,fedavg-2d]``. A method whose
 run and evaluation are already in ``DIR/<method>/`` (with ``timing.json``, written when this script
 ran it) is reused, so an interrupted benchmark continues. Writes ``docs/results/default_budget.json``.
 """
@@ -26,7 +27,8 @@ from _common import RESULTS, ROOT, provenance, write_result  # noqa: E402
 
 BUNDLE = ROOT.parent / "shared" / "data" / "abdomen-ct-mr"
 SITES = {"ct": BUNDLE / "Dataset801_AbdomenCT", "mri": BUNDLE / "Dataset802_AbdomenMR"}
-METHODS = {"fedgin": [], "fedavg": ["--no-gin"]}
+#: the default (standard preset: 2.5D, GIN on), the same in 2D, and FedAvg (GIN off) in 2D
+METHODS = {"fedgin": [], "fedgin-2d": ["--context", "1"], "fedavg-2d": ["--no-gin", "--context", "1"]}
 ORGANS = ("liver", "kidneys", "spleen")
 FEDGIN = [sys.executable, "-m", "fedgin.cli"]
 
@@ -71,7 +73,7 @@ def run_method(work: Path, method: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="runs and evaluations (reused when there)")
-    parser.add_argument("--methods", default="fedgin,fedavg")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=RESULTS / "default_budget.json")
     args = parser.parse_args(argv)
     if not all(p.is_dir() for p in SITES.values()):

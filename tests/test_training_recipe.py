@@ -286,6 +286,8 @@ def test_without_preset_a_command_gets_the_converged_budget(command):
     per_site = standard["rounds"] * standard["local_epochs"] * standard["train"].steps_per_epoch
     assert per_site == standard["train"].epochs * standard["train"].steps_per_epoch == 6000
     assert quick["rounds"] * 6 == standard["rounds"]
-    # the same recipe: model, grid and everything but the budget
-    assert standard["model"] == quick["model"] and standard["preprocess"] == quick["preprocess"]
+    # the same recipe but the budget and 2.5D: grid, U-Net, training settings
+    assert standard["model"].in_channels == 3 and quick["model"].in_channels == 1
+    assert replace(standard["model"], in_channels=1) == quick["model"]
+    assert standard["preprocess"] == quick["preprocess"]
     assert replace(standard["train"], epochs=quick["train"].epochs) == quick["train"]

@@ -60,7 +60,8 @@ def _add_label_map(p: argparse.ArgumentParser, extra: str = "") -> None:
 
 def _add_context(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=POSITIVE_INT, metavar="K",
-                   help="2.5D: the model sees each slice with its neighbours, K slices in all (odd; default 1: 2D)")
+                   help="2.5D: the model sees each slice with its neighbours, K slices in all (odd; default: the "
+                        "preset's, 3 for standard, 1 (2D) for quick and paper)")
 
 
 def _add_common_training(p: argparse.ArgumentParser) -> None:

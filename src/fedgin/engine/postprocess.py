@@ -71,21 +71,50 @@ def keep_largest_components(labels: np.ndarray, label_id: int, n: int, *, side: 
         raise ValueError(f"expected a 3D label map, got shape {labels.shape}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    mask = labels == label_id
-    components, count = ndimage.label(mask, structure=_STRUCTURE)
     out = labels.copy()
+    _keep_in_place(out, label_id, n, side, body)
+    return out
+
+
+def _bounding_box(labels: np.ndarray, label_id: int, slab: int = 32) -> tuple[slice, slice, slice] | None:
+    """The box of ``label_id``'s voxels, found a slab of the last axis at a time (no full-size mask)."""
+    rows = np.zeros(labels.shape[0], bool)
+    cols = np.zeros(labels.shape[1], bool)
+    planes = np.zeros(labels.shape[2], bool)
+    for z0 in range(0, labels.shape[2], slab):
+        mask = labels[:, :, z0:z0 + slab] == label_id
+        rows |= mask.any(axis=(1, 2))
+        cols |= mask.any(axis=(0, 2))
+        planes[z0:z0 + slab] = mask.any(axis=(0, 1))
+    if not rows.any():
+        return None
+    return tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in (rows, cols, planes))
+
+
+def _keep_in_place(labels: np.ndarray, label_id: int, n: int, side: str | None, body: BodySide | None) -> None:
+    """:func:`keep_largest_components` on ``labels`` itself. Works inside the organ's bounding box
+    (components cannot reach outside it), so a clinical-size volume costs the box, not the grid."""
+    box = _bounding_box(labels, label_id)
+    if box is None:
+        return
+    crop = labels[box]  # a view: clearing it clears ``labels``
+    mask = crop == label_id
+    components, count = ndimage.label(mask, structure=_STRUCTURE)
     if count <= n:
-        return out
+        return
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-sizes, kind="stable")  # component indices, largest first
     if side is None or body is None:
         keep = order[:n]
     else:
-        lateral = body.lateral_mm(np.asarray(ndimage.center_of_mass(mask, components, np.arange(1, count + 1)),
-                                             dtype=np.float64).reshape(count, 3))
-        keep = _on_its_side(order, lateral, side, n)
-    out[mask & ~np.isin(components, np.asarray(keep) + 1)] = 0
-    return out
+        offset = np.array([s.start for s in box], dtype=np.float64)
+        centres = np.asarray(ndimage.center_of_mass(mask, components, np.arange(1, count + 1)),
+                             dtype=np.float64).reshape(count, 3) + offset
+        keep = _on_its_side(order, body.lateral_mm(centres), side, n)
+    drop = np.ones(count + 1, bool)
+    drop[0] = False
+    drop[np.asarray(keep) + 1] = False
+    crop[drop[components]] = 0
 
 
 def _on_its_side(order: np.ndarray, lateral: np.ndarray, side: str, n: int) -> list[int]:
@@ -188,10 +217,14 @@ class PostprocessPlan:
         case's :class:`BodySide` on the grid of ``labels``, for the organs with a side (without
         it they keep their largest components)."""
         self.check(scheme)
+        if self.empty:
+            return labels
+        if labels.ndim != 3:
+            raise ValueError(f"expected a 3D label map, got shape {labels.shape}")
         sides = dict(self.sides)
-        out = labels
+        out = labels.copy()  # one copy for the whole plan
         for organ, n in self.keep_largest:
-            out = keep_largest_components(out, scheme.label_ids[organ], n, side=sides.get(organ), body=body)
+            _keep_in_place(out, scheme.label_ids[organ], n, sides.get(organ), body)
         return out
 
 

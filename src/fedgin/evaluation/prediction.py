@@ -255,6 +255,16 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     return written
 
 
+def compact_ct(image: np.ndarray, slab: int = 32) -> np.ndarray:
+    """A CT kept for the statistics and the QA page after preprocessing: HU rounded to int16 (half
+    of float32's memory; a clinical 512 x 512 x 600 CT then predicts within 2.5 GB with the QA page
+    on), converted a slab of the last axis at a time."""
+    out = np.empty(image.shape, np.int16)
+    for z0 in range(0, image.shape[2], slab):
+        out[:, :, z0:z0 + slab] = np.clip(np.rint(image[:, :, z0:z0 + slab]), -32768, 32767)
+    return out
+
+
 def _predict_all(cases: list[CaseInput], dest, net, ckpt, mod, dev, options, log, recorder=None) -> list[Path]:
     written: list[Path] = []
     classes = sorted(ckpt.scheme.label_ids, key=ckpt.scheme.label_ids.get)
@@ -265,8 +275,10 @@ def _predict_all(cases: list[CaseInput], dest, net, ckpt, mod, dev, options, log
         source = case.header()
         pre = preprocess(image, affine, mod, ckpt.preprocess)
         body = body_side(image, affine, mod) if options["postprocess"] and ckpt.postprocess.sides else None
-        if not (options["qa"] or options["statistics"]):
-            del image  # the statistics and the QA page need it
+        if options["qa"] or options["statistics"]:
+            image = compact_ct(image) if mod == "CT" else image  # what they need of it, in less memory
+        else:
+            del image
         name = case.name
         if options["save_probabilities"]:
             labels, probabilities = predict_labels_and_probabilities(net, pre, dev, compile=options["compile"])
