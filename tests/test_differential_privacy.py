@@ -21,7 +21,7 @@ from fedgin.config import SiteSpec, resolve
 from fedgin.engine.checkpoint import load_raw
 from fedgin.errors import FedginError
 from fedgin.experiments.run_report import write_run_report
-from fedgin.federated.privacy import (ClientSideDP, ServerSideDP, clip_when_asked, epsilon_after, make_private,
+from fedgin.federated.privacy import (ClientSideDP, clip_when_asked, epsilon_after, make_private,
                                      secure_standard_normal)
 from fedgin.federated.recorder import RoundRecorder, privacy_words
 from fedgin.federated.strategy import check_options, make_strategy
