@@ -104,22 +104,28 @@ def _new_run_defaults(args, command: str) -> None:
             setattr(args, dest, default)
 
 
+def _run_config(args, command: str, new_run):
+    """The run's configuration: with ``--resume`` of a recorded run, the record (options given
+    checked against it); else ``new_run(train overrides)`` after a new run's defaults."""
+    recorded = _recorded(args, command)
+    if recorded is not None:
+        return _on_the_record(recorded, args)
+    _new_run_defaults(args, command)
+    return new_run(_train_overrides(args))
+
+
 def cmd_train(args) -> int:
     from .config import resolve
     from .engine.runs import train_non_federated
 
-    recorded = _recorded(args, "train")
-    if recorded is not None:
-        cfg = _on_the_record(recorded, args)
-    else:
-        _new_run_defaults(args, "train")
-        overrides = _train_overrides(args)
+    def new_run(overrides: dict):
         overrides.pop("local_epochs")
-        cfg = resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
-                      train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
-                      cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess,
-                      label_map=parse_label_map(args.label_map), context=args.context)
-    out = train_non_federated(cfg, resume=args.resume)
+        return resolve(args.preset, command="train", out=args.out, sites=tuple(args.site), scheme=args.scheme,
+                       train_overrides=overrides, seed=args.seed, mode=args.mode, split=args.split,
+                       cache_dir=args.cache_dir, device=args.device, postprocess=args.postprocess,
+                       label_map=parse_label_map(args.label_map), context=args.context)
+
+    out = train_non_federated(_run_config(args, "train", new_run), resume=args.resume)
     print(f"done: {out}")
     return 0
 
@@ -128,25 +134,21 @@ def cmd_federate(args) -> int:
     from .config import resolve
     from .federated.launcher import federate
 
-    recorded = _recorded(args, "federate")
-    if recorded is not None:
-        cfg = _on_the_record(recorded, args)
-    else:
-        _new_run_defaults(args, "federate")
-        overrides = _train_overrides(args)
+    def new_run(overrides: dict):
         overrides.pop("local_epochs")
         overrides.pop("epochs")
-        cfg = resolve(args.preset, command="federate", out=args.out, sites=tuple(args.site), scheme=args.scheme,
-                      train_overrides=overrides, seed=args.seed, mode="federated", split=args.split,
-                      cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
-                      local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
-                      round_timeout=args.round_timeout, postprocess=args.postprocess,
-                      proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map),
-                      trim_beta=args.trim_beta, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-                      dp_mode=args.dp_mode, dp_delta=args.dp_delta, secagg=args.secagg, context=args.context,
-                      dp_drop_unclipped=args.dp_drop_unclipped,
-                      dp_insecure_seeded_noise=args.dp_insecure_seeded_noise)
-    out = federate(cfg, resume=args.resume)
+        return resolve(args.preset, command="federate", out=args.out, sites=tuple(args.site), scheme=args.scheme,
+                       train_overrides=overrides, seed=args.seed, mode="federated", split=args.split,
+                       cache_dir=args.cache_dir, device=args.device, rounds=args.rounds,
+                       local_epochs=args.local_epochs, strategy=args.strategy, min_sites=args.min_sites,
+                       round_timeout=args.round_timeout, postprocess=args.postprocess,
+                       proximal_mu=args.proximal_mu, label_map=parse_label_map(args.label_map),
+                       trim_beta=args.trim_beta, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
+                       dp_mode=args.dp_mode, dp_delta=args.dp_delta, secagg=args.secagg, context=args.context,
+                       dp_drop_unclipped=args.dp_drop_unclipped,
+                       dp_insecure_seeded_noise=args.dp_insecure_seeded_noise)
+
+    out = federate(_run_config(args, "federate", new_run), resume=args.resume)
     print(f"done: {out}")
     return 0
 
