@@ -4,9 +4,11 @@ NIfTI datasets with an untrained checkpoint, and one test of the page in headles
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import zlib
 import shutil
 from pathlib import Path
 
@@ -19,13 +21,17 @@ from test_bad_input import make_checkpoint
 from test_evaluate_pred import cli, copy_references, summary_of
 from fedgin.data.labels import get_scheme
 from fedgin.data.nifti import read_volume, write_volume
+from fedgin.evaluation.qa import read_mosaic, webp_mosaic
 from fedgin.evaluation.qa_views import (
     CT_CODES,
     MAX_VOXELS,
     MAX_VOXELS_PER_AXIS,
+    MIN_VOXELS,
+    PAGE_VOXELS,
     ViewWriter,
     block_factors,
     case_view,
+    case_voxels,
     encode,
     read_views,
 )
@@ -95,6 +101,32 @@ def test_views_are_turned_to_ras_down_sampled_and_coded():
         kept = [-(-n // f) for n, f in zip(shape, factors)]
         assert max(kept) <= MAX_VOXELS_PER_AXIS and np.prod(kept) <= MAX_VOXELS
     assert block_factors((256, 256, 30), (1.5, 1.5, 6.0)) == (2, 2, 1)
+
+
+def test_a_page_of_many_cases_keeps_each_coarser_within_its_share():
+    assert case_voxels(None) == case_voxels(1) == case_voxels(32) == MAX_VOXELS
+    assert case_voxels(50) == PAGE_VOXELS // 50 < MAX_VOXELS
+    assert case_voxels(10_000) == MIN_VOXELS
+    shape, spacing = (512, 512, 600), (0.8, 0.8, 1.0)  # a full-size CT
+    for cases in (1, 50, 500):
+        kept = [-(-n // f) for n, f in zip(shape, block_factors(shape, spacing, case_voxels(cases)))]
+        assert max(kept) <= MAX_VOXELS_PER_AXIS and np.prod(kept) <= case_voxels(cases)
+    image = np.random.default_rng(0).normal(40, 20, (60, 50, 40)).astype(np.float32)
+    arrays, _ = case_view(image, np.eye(4), "CT", np.zeros(image.shape, np.uint8), max_voxels=20_000)
+    assert arrays["image"].size <= 20_000 and arrays["pred"].shape == arrays["image"].shape
+
+
+def test_the_scan_goes_on_the_page_as_one_webp_picture_close_to_its_codes():
+    rng = np.random.default_rng(1)
+    z, y, x = np.mgrid[0:37, 0:50, 0:61]
+    codes = np.clip(100 + 60 * np.sin(x / 7.0) * np.cos(y / 9.0) + z + rng.normal(0, 4, z.shape), 0, 255)
+    codes = codes.astype(np.uint8)
+    text, columns = webp_mosaic(codes)
+    assert columns == 6  # near square: 6 x 61 = 366 wide, 7 x 50 = 350 high
+    back = read_mosaic(text, codes.shape, columns)
+    error = np.abs(back.astype(int) - codes)
+    assert error.mean() < 2.0 and np.percentile(error, 99) <= 8, (error.mean(), error.max())
+    assert len(text) < 0.5 * codes.size  # lossy: well under the zlib'd codes' ~0.8 byte a voxel
 
 
 def test_qa_npz_holds_each_case_in_page_order(tmp_path):
@@ -168,6 +200,14 @@ def test_evaluate_writes_statistics_always_and_the_qa_page_by_default(make_nnune
     assert [c["case"] for c in data["cases"]] == [r["case"] for r in records]
     assert all(c["view"]["has_ref"] for c in data["cases"])
     assert dict(data["provenance"])["post-processing plan"].startswith("none")
+    html = (out / "qa.html").read_text()
+    for index, (_, arrays) in enumerate(read_views(out / "qa.npz")):  # the page shows what qa.npz keeps
+        found = re.search(rf'<script type="text/plain" id="qa-v{index}-image" data-columns="(\d+)">(.*?)</script>', html)
+        shown = read_mosaic(found.group(2), arrays["image"].shape, int(found.group(1)))
+        assert np.abs(shown.astype(int) - arrays["image"]).mean() < 2.0
+        label = re.search(rf'id="qa-v{index}-ref">(.*?)</script>', html).group(1)
+        assert np.array_equal(np.frombuffer(zlib.decompress(base64.b64decode(label)), np.uint8),
+                              arrays["ref"].ravel())  # labels exactly
     (out / "qa.html").unlink()
     rc, stdout, err = cli(capsys, "report", out)
     assert rc == 0 and stdout.strip() == f"wrote {out / 'qa.html'}", err
@@ -218,6 +258,12 @@ def test_the_page_works_in_headless_chromium(make_nnunet, tmp_path, capsys):
                                 ".map(r => r.cells[0].textContent)")
         assert sorted(rows) == list(CASES) and rows[-1] == "case_000"  # worst first
         assert browser.evaluate("window.qa.loaded") == rows[0]
+        index = next(c["view_index"] for c in page_data(out / "qa.html")["cases"] if c["case"] == rows[0])
+        stored = list(read_views(out / "qa.npz"))[index][1]
+        decoded = np.array(browser.evaluate("Array.from(window.qa.state.vol.image)"), dtype=int)
+        assert decoded.size == stored["image"].size  # the browser decoded the scan's WebP picture ...
+        assert np.abs(decoded - stored["image"].ravel()).mean() < 2.0  # ... to the stored codes, near enough
+        assert browser.evaluate("Array.from(window.qa.state.vol.pred)") == stored["pred"].ravel().tolist()
         shown = browser.evaluate(PIXELS)
         assert shown["lit"] > shown["total"] // 4, shown  # not blank
         assert browser.evaluate(choose("overlay", "none")) == "none"

@@ -215,7 +215,7 @@ def evaluate_folder(pred: str, datasets: list[str], out: str, *, cases: str = "p
     refs = _pick_cases(opened, files, folder, cases=cases, seed=seed, split_file=split_file)
     luts = _luts(refs, files, folder, label_scheme, effective, labels)
     _check_grids(refs, files)
-    with CaseRecorder.for_evaluation(out, label_scheme, qa) as recorder:
+    with CaseRecorder.for_evaluation(out, label_scheme, qa, cases=len(refs)) as recorder:
         records = score_predictions(refs, files, luts, label_scheme, recorder=recorder)
     args = {"pred": pred, "data": datasets, "cases": cases, "seed": seed, "split": split_file,
             "scheme": label_scheme.name, "label_map": effective,

@@ -229,7 +229,8 @@ def predict(inputs: str, out: str, model: str, *, modality: str | None = None, m
     stage = Path(tempfile.mkdtemp(prefix=".fedgin-predict-", dir=dest))
     options = {"masks": masks, "postprocess": postprocess, "save_probabilities": save_probabilities,
                "compile": compile, "statistics": statistics, "qa": qa, "output_types": list(output_types)}
-    recorder = CaseRecorder(stage, ckpt.scheme, views=qa, statistics_dir=stage if statistics else None)
+    recorder = CaseRecorder(stage, ckpt.scheme, views=qa, statistics_dir=stage if statistics else None,
+                            cases=len(cases))
     try:
         with recorder:
             staged = _predict_all(cases, stage, net, ckpt, mod, dev, options, log, recorder)

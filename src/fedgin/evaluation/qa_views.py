@@ -1,7 +1,11 @@
 """The small copies of each case that the QA page shows: the scan and its label maps turned to the
 closest RAS axes (flips and axis swaps only: each case keeps its own voxel grid), down-sampled to at
-most :data:`MAX_VOXELS_PER_AXIS` voxels per axis and :data:`MAX_VOXELS` in all (the image by block means, the labels by taking
-each block's centre voxel) and the image stored as uint8 codes.
+most :data:`MAX_VOXELS_PER_AXIS` voxels per axis and :func:`case_voxels` in all (the image by block
+means, the labels by taking each block's centre voxel) and the image stored as uint8 codes.
+
+How many voxels a case keeps depends on how many cases share the page, so that a page stays a few
+tens of MB: :data:`MAX_VOXELS` (2^21) for pages of up to 32 cases, then :data:`PAGE_VOXELS` shared
+out (50 cases: 1.3 M voxels each), never fewer than :data:`MIN_VOXELS` (2^19) per case.
 
 CT codes map HU piecewise linearly (:data:`CT_CODES`): 3 HU per code between -200 and 400 HU,
 where abdominal windows look, coarser steps for air and bone. MRI codes map linearly from the
@@ -30,8 +34,12 @@ from ..atomic import publish, temp_path
 from ..data.nifti import spacing_of
 
 MAX_VOXELS_PER_AXIS = 192
-#: At most this many voxels per case (2^21, e.g. 128 x 128 x 128): about 1-2 MB on the page.
+#: At most this many voxels per case (2^21, e.g. 128 x 128 x 128): 0.3-0.8 MB on the page.
 MAX_VOXELS = 2**21
+#: The voxels a page's cases share (2^26): a page of up to 32 cases keeps :data:`MAX_VOXELS` per case.
+PAGE_VOXELS = 2**26
+#: ... and a case never fewer than these (2^19, e.g. 128 x 128 x 32): pages past 128 cases grow.
+MIN_VOXELS = 2**19
 #: CT: code -> HU breakpoints (piecewise linear; HU outside are clipped).
 CT_CODES = ((0, 40, 240, 255), (-1024.0, -200.0, 400.0, 2000.0))
 MRI_PERCENTILE = 99.9
@@ -48,17 +56,25 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[fl
     return nib.orientations.apply_orientation(volume, ornt), tuple(ras_spacing)
 
 
-def block_factors(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+def case_voxels(cases: int | None = None) -> int:
+    """How many voxels each case of a page of ``cases`` cases keeps (None: one case's page)."""
+    if not cases or cases < 1:
+        return MAX_VOXELS
+    return int(min(MAX_VOXELS, max(MIN_VOXELS, PAGE_VOXELS // cases)))
+
+
+def block_factors(shape: tuple[int, ...], spacing: tuple[float, float, float],
+                  max_voxels: int = MAX_VOXELS) -> tuple[int, int, int]:
     """The down-sampling factor per axis: the smallest integers that bring each axis to
     :data:`MAX_VOXELS_PER_AXIS` voxels or fewer, then, while the case is over
-    :data:`MAX_VOXELS`, one more on the axis whose down-sampled voxels are the finest (the last
+    ``max_voxels``, one more on the axis whose down-sampled voxels are the finest (the last
     axis on ties), so the voxels stay as near cubic as the scan allows."""
     factors = [max(1, math.ceil(n / MAX_VOXELS_PER_AXIS)) for n in shape]
 
     def size() -> int:
         return math.prod(math.ceil(n / f) for n, f in zip(shape, factors))
 
-    while size() > MAX_VOXELS:
+    while size() > max_voxels:
         finest = min(range(3), key=lambda a: (spacing[a] * factors[a], -a))
         factors[finest] += 1
     return tuple(factors)
@@ -106,11 +122,12 @@ def _zyx(volume: np.ndarray) -> np.ndarray:
 
 
 def case_view(image: np.ndarray, affine: np.ndarray, modality: str, pred: np.ndarray,
-              reference: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """The page's arrays of one case (``image``, ``pred`` and maybe ``ref``, each ``Z x Y x X``)
-    and its meta (spacing per stored axis, code map); all volumes share the image's grid."""
+              reference: np.ndarray | None = None, max_voxels: int = MAX_VOXELS) -> tuple[dict[str, np.ndarray], dict]:
+    """The page's arrays of one case (``image``, ``pred`` and maybe ``ref``, each ``Z x Y x X``, at
+    most ``max_voxels``) and its meta (spacing per stored axis, code map); all volumes share the
+    image's grid."""
     ras, spacing = to_ras(image, affine)
-    factors = block_factors(ras.shape, spacing)
+    factors = block_factors(ras.shape, spacing, max_voxels)
     small = block_mean(ras, factors)
     codes, values = code_map(small, modality)
     arrays = {"image": _zyx(encode(small, codes, values)),

@@ -211,7 +211,7 @@ def evaluate(model: str, datasets: list[str], out: str, *, cases: str = "test", 
     opened = [open_dataset(path, ckpt.scheme, label_map=effective) for path in datasets]
     check_label_map_names(label_map, opened)
     refs = cases_to_score(opened, cases=cases, seed=seed, split_file=split_file)
-    with CaseRecorder.for_evaluation(out, ckpt.scheme, qa) as recorder:
+    with CaseRecorder.for_evaluation(out, ckpt.scheme, qa, cases=len(refs)) as recorder:
         records = evaluate_cases(ckpt, refs, device=resolve_device(device),
                                  cache_dir=Path(cache_dir) if cache_dir else None, postprocess=postprocess,
                                  compile=compile, recorder=recorder)

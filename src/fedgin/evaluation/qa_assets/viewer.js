@@ -109,20 +109,37 @@ function drawTable() {
 }
 
 // ---------------------------------------------------------------- decoding
-async function inflate(id) {
-  const text = $(id).textContent;
-  const binary = atob(text);
+function base64Bytes(id) {
+  const binary = atob($(id).textContent);
   const bytes = new Uint8Array(binary.length);
   for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
-  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+  return bytes;
+}
+
+async function inflate(id) {  // a label map: zlib
+  const stream = new Blob([base64Bytes(id)]).stream().pipeThrough(new DecompressionStream("deflate"));
   return new Uint8Array(await new Response(stream).arrayBuffer());
 }
 
-function undelta(bytes, nx) {
-  for (let row = 0; row < bytes.length; row += nx) {
-    for (let i = row + 1; i < row + nx; i++) bytes[i] = (bytes[i] + bytes[i - 1]) & 255;
+async function decodeScan(id, [nz, ny, nx]) {  // the scan: one WebP picture of its axial slices
+  const columns = Number($(id).dataset.columns);
+  const picture = await createImageBitmap(new Blob([base64Bytes(id)], { type: "image/webp" }),
+    { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  const canvas = document.createElement("canvas");
+  canvas.width = picture.width; canvas.height = picture.height;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(picture, 0, 0);
+  picture.close();
+  const rgba = ctx.getImageData(0, 0, canvas.width, canvas.height).data, out = new Uint8Array(nz * ny * nx);
+  for (let z = 0; z < nz; z++) {
+    const top = Math.floor(z / columns) * ny, left = (z % columns) * nx;
+    for (let y = 0; y < ny; y++) {
+      let from = ((top + y) * canvas.width + left) * 4;
+      const to = (z * ny + y) * nx;
+      for (let x = 0; x < nx; x++, from += 4) out[to + x] = Math.round((rgba[from] + rgba[from + 1] + rgba[from + 2]) / 3);
+    }
   }
-  return bytes;
+  return out;
 }
 
 function codeValues(codes, values) {  // code 0..255 -> intensity (piecewise linear)
@@ -258,8 +275,8 @@ async function loadCase(i) {
     qa.loaded = c.case;
     return;
   }
-  const v = { ...c.view, modality: c.modality }, [, , nx] = v.shape, id = `qa-v${c.view_index}`;
-  v.image = undelta(await inflate(`${id}-image`), nx);
+  const v = { ...c.view, modality: c.modality }, id = `qa-v${c.view_index}`;
+  v.image = await decodeScan(`${id}-image`, v.shape);
   v.pred = await inflate(`${id}-pred`);
   v.ref = v.has_ref ? await inflate(`${id}-ref`) : null;
   if (qa.loading !== c.case) return;  // another case was clicked meanwhile
