@@ -11,7 +11,9 @@ whose ``eval/summary.json`` and ``config.json`` are there counts as finished for
 - ``--restore`` copies the record into the work dir (files not there yet), so a new session's run
   resumes where the last stopped; a run that was training when its session ended starts again;
 - the grid then runs in the work dir (``fedgin experiment ... --out WORK``, in a child process);
-- ``--export`` copies what is finished back into the record (run it while the grid runs to commit
+- ``--export`` copies what is finished back into the record (commit it with ``git add -f
+  docs/results/cv3``: the folder is in ``.gitignore`` so that ``flwr run`` leaves it out of the Flower
+  app it packages, whose paths may be at most 10 deep; run it while the grid runs to commit
   the finished runs; it copies only runs with their evaluation, and the pooled results).
 
 Usage::
