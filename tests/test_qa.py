@@ -8,8 +8,8 @@ import base64
 import json
 import os
 import re
-import zlib
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np

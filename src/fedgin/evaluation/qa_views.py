@@ -34,7 +34,7 @@ from ..atomic import publish, temp_path
 from ..data.nifti import spacing_of
 
 MAX_VOXELS_PER_AXIS = 192
-#: At most this many voxels per case (2^21, e.g. 128 x 128 x 128): 0.3-0.8 MB on the page.
+#: At most this many voxels per case (2^21, e.g. 128 x 128 x 128): some 0.5 MB on the page for a CT.
 MAX_VOXELS = 2**21
 #: The voxels a page's cases share (2^26): a page of up to 32 cases keeps :data:`MAX_VOXELS` per case.
 PAGE_VOXELS = 2**26
