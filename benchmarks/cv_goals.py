@@ -1,0 +1,175 @@
+"""Issue 22's goals, checked on the cross-validated grid's record (``docs/results/cv3``, written by
+``benchmarks/cv_grid.py``) and the default-budget measurement (``docs/results/default_budget.json``).
+
+Every comparison of two methods is *paired*: it pools only the folds where both runs are finished,
+so a partial grid never compares one method's patients with another's. Dice is the mean over
+liver, kidneys and spleen of each organ's mean over the pooled test patients (the experiment
+report's ``mean``); the per-fold differences show whether a gap holds fold by fold.
+
+Usage::
+
+    python benchmarks/cv_goals.py            # writes docs/results/cv3_goals.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, now_iso  # noqa: E402
+
+ORGANS = ("liver", "kidneys", "spleen")
+MODALITIES = ("CT", "MRI")
+#: the default ``federate`` model's robustness goal: no organ below this Dice in more than 5% of cases
+FAIL_DICE, FAIL_SHARE = 0.7, 0.05
+
+
+def read_runs(record: Path) -> dict[tuple[str, str], dict[int, list[dict]]]:
+    """(scenario, method) -> fold -> the finished run's per-case rows of ``ORGANS`` with a Dice."""
+    runs: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for path in sorted(record.glob("folds/fold*/runs/*/*/seed0/eval/metrics.csv")):
+        run = path.parents[2]
+        fold = int(run.parents[2].name.removeprefix("fold"))
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r["organ"] in ORGANS and r["dice"] != ""]
+        runs.setdefault((run.parents[0].name, run.name), {})[fold] = \
+            [{**r, "dice": float(r["dice"]), "fold": fold} for r in rows]
+    return runs
+
+
+def mean_dice(rows: list[dict], modality: str) -> float | None:
+    """Mean over ``ORGANS`` of each organ's mean Dice over the rows of ``modality``."""
+    means = []
+    for organ in ORGANS:
+        values = [r["dice"] for r in rows if r["modality"] == modality and r["organ"] == organ]
+        if values:
+            means.append(sum(values) / len(values))
+    return sum(means) / len(means) if means else None
+
+
+def paired(runs: dict, a: tuple[str, str], b: tuple[str, str], modality: str) -> dict:
+    """Method ``a`` against ``b`` (each a (scenario, method)) on the folds both finished."""
+    folds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    if not folds:
+        return {"folds": [], "a": None, "b": None, "per_fold": {}}
+    rows_a = [r for f in folds for r in runs[a][f]]
+    rows_b = [r for f in folds for r in runs[b][f]]
+    per_fold = {}
+    for f in folds:
+        da, db = mean_dice(runs[a][f], modality), mean_dice(runs[b][f], modality)
+        per_fold[f] = None if da is None or db is None else round(da - db, 4)
+    return {"folds": folds, "a": mean_dice(rows_a, modality), "b": mean_dice(rows_b, modality),
+            "per_fold": per_fold}
+
+
+def _goal(name: str, comparison: dict, value: float | None, target: str, met: bool | None) -> dict:
+    return {"goal": name, "target": target, "value": None if value is None else round(value, 4),
+            "met": met, **{k: comparison[k] for k in ("folds", "per_fold") if k in comparison},
+            **({"a": round(comparison["a"], 4), "b": round(comparison["b"], 4)}
+               if comparison.get("a") is not None and comparison.get("b") is not None else {})}
+
+
+def difference_goal(runs, name, a, b, modality, at_least: float) -> dict:
+    c = paired(runs, a, b, modality)
+    value = None if c["a"] is None or c["b"] is None else c["a"] - c["b"]
+    return _goal(name, c, value, f">= {at_least:+.2f}", None if value is None else value >= at_least)
+
+
+def ratio_goal(runs, name, a, b, modality, at_least: float) -> dict:
+    c = paired(runs, a, b, modality)
+    value = None if not c["a"] or not c["b"] else c["a"] / c["b"]
+    return _goal(name, c, value, f">= {at_least:.2f}x", None if value is None else value >= at_least)
+
+
+def level_goal(runs, name, run, modality, at_least: float) -> dict:
+    folds = sorted(runs.get(run, {}))
+    value = mean_dice([r for f in folds for r in runs[run][f]], modality) if folds else None
+    return _goal(name, {"folds": folds}, value, f">= {at_least:.2f}", None if value is None else value >= at_least)
+
+
+def failure_goal(runs, run) -> dict:
+    """The largest share, over organs and modalities, of cases with Dice below ``FAIL_DICE``."""
+    folds = sorted(runs.get(run, {}))
+    rows = [r for f in folds for r in runs[run][f]] if folds else []
+    shares = {}
+    for modality in MODALITIES:
+        for organ in ORGANS:
+            values = [r["dice"] for r in rows if r["modality"] == modality and r["organ"] == organ]
+            if values:
+                shares[f"{modality} {organ}"] = {"below": sum(v < FAIL_DICE for v in values), "cases": len(values)}
+    worst = max((s["below"] / s["cases"] for s in shares.values()), default=None)
+    goal = _goal(f"default model: no organ below Dice {FAIL_DICE} in more than {FAIL_SHARE:.0%} of cases",
+                 {"folds": folds}, worst, f"<= {FAIL_SHARE:.2f}", None if worst is None else worst <= FAIL_SHARE)
+    goal["shares"] = shares
+    return goal
+
+
+def goals(runs: dict, budget: dict | None) -> list[dict]:
+    c, lim = "complete", "limited-1to5"
+    out = [
+        difference_goal(runs, "complete: FedGIN MRI - FedAvg MRI", (c, "fedgin"), (c, "fedavg"), "MRI", 0.01),
+        ratio_goal(runs, "complete: FedGIN MRI / centralized MRI", (c, "fedgin"), (c, "centralized"), "MRI", 0.97),
+        difference_goal(runs, "complete: FedGIN CT - FedAvg CT", (c, "fedgin"), (c, "fedavg"), "CT", -0.01),
+        difference_goal(runs, "limited-1to5: FedGIN MRI - FedAvg MRI", (lim, "fedgin"), (lim, "fedavg"), "MRI", 0.15),
+        difference_goal(runs, "limited-1to5: FedGIN CT - FedAvg CT", (lim, "fedgin"), (lim, "fedavg"), "CT", -0.02),
+        level_goal(runs, "CT-only model with GIN, zero-shot on MRI", (c, "local-ct+gin"), "MRI", 0.60),
+        difference_goal(runs, "CT-only model: GIN's in-domain cost (local-ct+gin CT - local-ct CT)",
+                        (c, "local-ct+gin"), (c, "local-ct"), "CT", -0.02),
+        level_goal(runs, "default model (complete, fedgin) on MRI", (c, "fedgin"), "MRI", 0.90),
+        level_goal(runs, "default model (complete, fedgin) on CT", (c, "fedgin"), "CT", 0.90),
+        failure_goal(runs, (c, "fedgin")),
+    ]
+    seconds = (budget or {}).get("methods", {}).get("fedgin", {}).get("federate_seconds")
+    out.append({"goal": "`fedgin federate` on the bundle (default recipe), minutes on 2 cores", "target": "<= 20",
+                "value": None if seconds is None else round(seconds / 60, 1),
+                "met": None if seconds is None else seconds <= 20 * 60,
+                "source": "docs/results/default_budget.json"})
+    return out
+
+
+def _cell(value) -> str:
+    return "–" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Issue 22's goals on the cross-validated grid", "",
+             f"`{result['command']}` ({result['date']}); record: `{result['record']}`. Finished runs: "
+             f"{result['finished_runs']}. A comparison pools only the folds where both of its runs are finished "
+             "(column *folds*); Dice: mean over liver, kidneys, spleen of each organ's mean over the test patients.",
+             "", "| goal | target | measured | A | B | folds | per-fold difference | met |", "|---|---|---|---|---|---|---|---|"]
+    for g in result["goals"]:
+        per_fold = ", ".join(f"{f}: {d:+.3f}" for f, d in g.get("per_fold", {}).items() if d is not None)
+        met = {True: "yes", False: "**no**", None: "not measured yet"}[g["met"]]
+        lines.append(f"| {g['goal']} | {g['target']} | {_cell(g['value'])} | {_cell(g.get('a'))} | {_cell(g.get('b'))} "
+                     f"| {', '.join(map(str, g.get('folds', []))) or '–'} | {per_fold or '–'} | {met} |")
+    failure = next(g for g in result["goals"] if "shares" in g)
+    if failure["shares"]:
+        lines += ["", "Default model, cases with Dice below 0.7 per organ: " +
+                  "; ".join(f"{k} {v['below']}/{v['cases']}" for k, v in failure["shares"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", type=Path, default=RESULTS / "cv3")
+    parser.add_argument("--budget", type=Path, default=RESULTS / "default_budget.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cv3_goals")
+    args = parser.parse_args(argv)
+    runs = read_runs(args.record)
+    budget = json.loads(args.budget.read_text()) if args.budget.exists() else None
+    result = {"command": command_line(argv, __file__), "date": now_iso(), "record": str(args.record),
+              "finished_runs": sum(len(f) for f in runs.values()), "goals": goals(runs, budget)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""``benchmarks/cv_goals.py`` on a hand-made grid record: comparisons pool only the folds both runs
+finished, Dice is the mean of the organs' means, and the default model's failure share counts
+organ-cases below 0.7."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cv_goals.py"
+
+
+@pytest.fixture(scope="module")
+def cv_goals():
+    spec = importlib.util.spec_from_file_location("cv_goals_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def _run(record: Path, fold: int, scenario: str, method: str, dice: dict[tuple[str, str], list[float]]) -> None:
+    """A finished run's metrics.csv: ``dice[(modality, organ)]`` lists one Dice per case; pancreas
+    rows without a Dice (not annotated) are written too and must be ignored."""
+    path = record / f"folds/fold{fold}/runs/{scenario}/{method}/seed0/eval/metrics.csv"
+    path.parent.mkdir(parents=True)
+    lines = ["case,dataset,modality,organ,annotated,dice,hd95,missed,false_positive"]
+    for (modality, organ), values in dice.items():
+        for i, d in enumerate(values):
+            lines.append(f"{modality.lower()}{i},D,{modality},{organ},True,{d},1.0,False,False")
+            lines.append(f"{modality.lower()}{i},D,{modality},pancreas,False,,,,")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _uniform(ct: float, mri: float, cases: int = 2) -> dict:
+    return {(m, o): [v] * cases for m, v in (("CT", ct), ("MRI", mri)) for o in ("liver", "kidneys", "spleen")}
+
+
+def test_a_comparison_pools_only_the_folds_both_runs_finished(cv_goals, tmp_path):
+    record = tmp_path / "cv3"
+    _run(record, 0, "complete", "fedgin", _uniform(0.9, 0.8))
+    _run(record, 0, "complete", "fedavg", _uniform(0.9, 0.7))
+    _run(record, 1, "complete", "fedgin", _uniform(0.1, 0.1))  # fedavg's fold 1 not finished: left out
+    runs = cv_goals.read_runs(record)
+    goal = cv_goals.difference_goal(runs, "g", ("complete", "fedgin"), ("complete", "fedavg"), "MRI", 0.01)
+    assert goal["folds"] == [0] and goal["value"] == pytest.approx(0.1) and goal["met"] is True
+    assert goal["per_fold"] == {0: pytest.approx(0.1)}
+    # a level goal takes every finished fold of its run
+    level = cv_goals.level_goal(runs, "g", ("complete", "fedgin"), "MRI", 0.9)
+    assert level["folds"] == [0, 1] and level["value"] == pytest.approx(0.45) and level["met"] is False
+    assert cv_goals.difference_goal(runs, "g", ("limited-1to5", "fedgin"), ("limited-1to5", "fedavg"),
+                                    "MRI", 0.15)["met"] is None
+
+
+def test_dice_is_the_mean_of_the_organ_means_and_failures_count_organ_cases(cv_goals, tmp_path):
+    record = tmp_path / "cv3"
+    dice = _uniform(0.9, 0.9, cases=4)
+    dice[("MRI", "spleen")] = [0.9, 0.9, 0.9, 0.3]  # one of 4 MRI spleens fails
+    dice[("MRI", "liver")] = [0.6]  # one liver case only: it weighs as much as the 4 spleens
+    _run(record, 0, "complete", "fedgin", dice)
+    runs = cv_goals.read_runs(record)
+    assert cv_goals.mean_dice(runs[("complete", "fedgin")][0], "MRI") == pytest.approx((0.6 + 0.9 + 0.75) / 3)
+    failure = cv_goals.failure_goal(runs, ("complete", "fedgin"))
+    assert failure["shares"]["MRI spleen"] == {"below": 1, "cases": 4}
+    assert failure["shares"]["MRI liver"] == {"below": 1, "cases": 1}
+    assert failure["value"] == 1.0 and failure["met"] is False
+
+
+def test_the_script_writes_its_table_with_the_command(cv_goals, tmp_path):
+    record = tmp_path / "cv3"
+    _run(record, 0, "complete", "fedgin", _uniform(0.95, 0.92))
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps({"methods": {"fedgin": {"federate_seconds": 998}}}))
+    assert cv_goals.main(["--record", str(record), "--budget", str(budget), "--out", str(tmp_path / "goals")]) == 0
+    result = json.loads((tmp_path / "goals.json").read_text())
+    by_name = {g["goal"]: g for g in result["goals"]}
+    assert by_name["default model (complete, fedgin) on MRI"]["met"] is True
+    assert by_name["complete: FedGIN MRI - FedAvg MRI"]["met"] is None
+    assert by_name["`fedgin federate` on the bundle (default recipe), minutes on 2 cores"]["value"] == 16.6
+    text = (tmp_path / "goals.md").read_text()
+    assert "python benchmarks/cv_goals.py --record" in text and "not measured yet" in text
