@@ -320,7 +320,7 @@ def test_the_shared_series_predicts_as_its_nifti(chaos_predictions):
                                                 series.shape, series.affine), labels)
 
 
-@pytest.mark.slow  # two evaluations of a 512 x 512 x 78 CT: HD95 of a body-sized prediction, a minute each
+@pytest.mark.slow  # two evaluations of a 512 x 512 x 78 CT with a body-sized prediction
 def test_a_seg_of_the_shared_series_scores_as_its_nifti(chaos_predictions, tmp_path, capsys):
     ref = tmp_path / "Dataset900_Chaos"  # the reference in nnU-Net layout, the files linked
     (ref / "imagesTr").mkdir(parents=True)

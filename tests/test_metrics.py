@@ -1,5 +1,7 @@
 """Per-case Dice and HD95 on hand-made volumes with known answers."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,46 @@ def test_hd95_shifted_cube_in_mm():
     assert hd95_mm(a, b, (2.0, 1.0, 1.0)) == pytest.approx(6.0, abs=1e-6)
     assert hd95_mm(a, a, (2.0, 1.0, 1.0)) == 0.0
     assert hd95_mm(a, np.zeros_like(a), (1.0, 1.0, 1.0)) is None
+
+
+def _monai_hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(torch.from_numpy(pred[None, None].astype(np.uint8)),
+                                           torch.from_numpy(ref[None, None].astype(np.uint8)),
+                                           percentile=95, spacing=list(spacing))
+    return float(value.item())
+
+
+@pytest.mark.parametrize("case", ["blobs", "speckled", "touching-the-border", "far-apart", "one-voxel"])
+def test_hd95_equals_monais_on_shapes_it_finds_hard(case):
+    """The distance-transform HD95 gives MONAI's ``compute_hausdorff_distance(percentile=95)``:
+    random blobs, a speckled prediction (surfaces everywhere), masks cut by the array's border,
+    two distant components, a single voxel; anisotropic spacing."""
+    rng = np.random.default_rng(len(case))
+    z, y, x = np.ogrid[:24, :40, :36]
+    ref = ((x - 18) ** 2 / 100 + (y - 20) ** 2 / 150 + (z - 12) ** 2 / 40) < 1
+    pred = ((x - 16) ** 2 / 80 + (y - 22) ** 2 / 120 + (z - 11) ** 2 / 50) < 1
+    if case == "blobs":
+        pred = pred ^ (rng.random(pred.shape) < 0.02)
+    elif case == "speckled":
+        pred = ((x - 18) ** 2 / 300 + (y - 20) ** 2 / 300 + (z - 12) ** 2 / 100) < 1
+        pred &= rng.random(pred.shape) < 0.6
+    elif case == "touching-the-border":
+        ref, pred = np.roll(ref, 9, axis=2), np.roll(pred, -9, axis=1)
+        ref[:, :, 30:] |= ref[:, :, 28:29]
+    elif case == "far-apart":
+        pred = np.zeros_like(ref)
+        pred[1:4, 1:3, 30:34] = True
+        pred[10:14, 15:25, 10:20] = True
+    else:
+        pred = np.zeros_like(ref)
+        pred[5, 6, 7] = True
+    spacing = (2.5, 0.7, 0.9)
+    assert hd95_mm(pred, ref, spacing) == pytest.approx(_monai_hd95(pred, ref, spacing), rel=1e-5, abs=1e-5)
 
 
 def test_case_metrics_null_rules():

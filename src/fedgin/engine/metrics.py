@@ -10,10 +10,7 @@ or a ``false_positive`` (predicted, not in the reference); summaries count both 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from monai.metrics import compute_hausdorff_distance
-
-from ..console import ignoring
+from scipy import ndimage
 
 
 def dice_score(pred: np.ndarray, ref: np.ndarray) -> float | None:
@@ -24,18 +21,34 @@ def dice_score(pred: np.ndarray, ref: np.ndarray) -> float | None:
     return 2.0 * int(np.logical_and(pred, ref).sum()) / (p + r)
 
 
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """The mask's voxels with a 6-neighbour outside it (the mask minus its erosion; voxels on the
+    array's border count as surface)."""
+    return mask ^ ndimage.binary_erosion(mask)
+
+
 def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
-    """95th-percentile symmetric surface distance in mm (MONAI); None if either side is empty."""
+    """95th-percentile symmetric surface distance in mm; None if either side is empty.
+
+    MONAI's definition (``compute_hausdorff_distance(..., percentile=95)``: surfaces as the mask
+    minus its erosion, the larger of the two directed 95th percentiles, linear interpolation), which
+    the tests check it against. The distances come from one Euclidean distance transform per side
+    over the union's bounding box instead of MONAI's k-d tree over surface points: the same values
+    (to float rounding), but 4-10x faster, and a speckled, body-sized prediction (an untrained or
+    failed model on a full CT) no longer takes a minute and a half per organ."""
     if not pred.any() or not ref.any():
         return None
-    p = torch.from_numpy(pred[None, None].astype(np.uint8))
-    r = torch.from_numpy(ref[None, None].astype(np.uint8))
-    # MONAI 1.5-1.6 passes its own deprecated always_return_as_numpy to get_mask_edges inside
-    # compute_hausdorff_distance (metrics/utils.py, get_edge_surface_distance): no argument of ours
-    # avoids the FutureWarning, so it is dropped here, where fedgin triggers it
-    with ignoring(FutureWarning, r".*always_return_as_numpy"):
-        value = compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))
-    return float(value.item())
+    union = pred | ref
+    box = []
+    for axis in range(union.ndim):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    # one voxel of background around the box: what lies outside the array is outside the mask
+    p, r = np.pad(pred[tuple(box)], 1), np.pad(ref[tuple(box)], 1)
+    surface_p, surface_r = _surface(p), _surface(r)
+    to_r = ndimage.distance_transform_edt(~surface_r, sampling=spacing)[surface_p]
+    to_p = ndimage.distance_transform_edt(~surface_p, sampling=spacing)[surface_r]
+    return float(max(np.quantile(to_r, 0.95), np.quantile(to_p, 0.95)))
 
 
 def case_metrics(
