@@ -25,7 +25,7 @@ demo: $(STAMP)
 # fault tests spend most of their time waiting on Flower's processes, the other worker trains;
 # each worker gets half of the cores as torch threads (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 -n 3 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
