@@ -52,6 +52,7 @@ def train(site, *, compile: bool, seed: int = 0) -> tuple[list[float], list[torc
     return losses, [p.detach().clone() for p in model.parameters()], trainer
 
 
+@pytest.mark.long
 def test_compiled_training_matches_eager_within_float_tolerance(site, compiled_training):
     eager_losses, _, eager = train(site, compile=False)
     losses, _, trainer = train(site, compile=True)
@@ -61,6 +62,7 @@ def test_compiled_training_matches_eager_within_float_tolerance(site, compiled_t
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
 
 
+@pytest.mark.long
 def test_compiled_gradients_match_eager(site, compiled_training):
     """One batch, the same weights: every parameter's gradient within 1e-3 of its norm (plus a floor
     of 1e-5 of the whole gradient's). (Weights after
@@ -92,6 +94,7 @@ def test_compiled_gradients_match_eager(site, compiled_training):
         assert float((g - e).norm()) <= 1e-3 * float(e.norm()) + 1e-5 * total
 
 
+@pytest.mark.long
 def test_compiled_training_repeats_exactly(site, compiled_training):
     first, first_weights, _ = train(site, compile=True)
     again, again_weights, _ = train(site, compile=True)
@@ -99,6 +102,7 @@ def test_compiled_training_repeats_exactly(site, compiled_training):
     assert all(torch.equal(a, b) for a, b in zip(first_weights, again_weights))
 
 
+@pytest.mark.long
 def test_a_compiler_error_falls_back_to_eager_with_one_log_line(site, compiled_training, monkeypatch, caplog):
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
@@ -192,6 +196,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_a_second_process_loads_the_compiled_step_from_the_disk_cache(phantom_datasets, tmp_path, monkeypatch):
     """Two fresh processes with one (empty at first) inductor cache: the second does not compile."""
     ct, _ = phantom_datasets(4, 4)
@@ -210,6 +215,7 @@ def test_a_second_process_loads_the_compiled_step_from_the_disk_cache(phantom_da
     assert runs[1]["first_step_s"] < runs[0]["first_step_s"] / 3, runs
 
 
+@pytest.mark.long
 def test_compiled_prediction_gives_the_same_labels_on_a_phantom(site, compiled_training):
     """Opt-in compiled inference (``predict/evaluate --compile``): the same labels as eager on every
     voxel of a phantom volume, the last, shorter batch padded to the compiled batch size."""

@@ -70,3 +70,32 @@ def test_federate_is_repeatable_with_a_seed(tmp_path, capsys, phantom_datasets):
     assert [(line["round"], line["site"]) for line in lines] == [(1, "ct"), (1, "mri")]
     assert lines == numbers(again)
     assert_same_weights(first / "checkpoints" / "last.pt", again / "checkpoints" / "last.pt")
+
+
+def test_seeding_makes_torch_deterministic_without_loading_inductor():
+    """``seed_everything`` turns on torch's deterministic kernels (warn-only) in a fresh process
+    without importing inductor (3 s at the start of every ClientApp process); a compiled step then
+    sets inductor's own flag from torch's, as ``torch.use_deterministic_algorithms`` would have."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import json, sys
+        import torch
+        from fedgin.engine.trainer import seed_everything
+        seed_everything(0)
+        state = [torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                 "torch._inductor" in sys.modules]
+        import torch._inductor.config as inductor_config
+        from fedgin.engine.compiled import CompiledOrEager
+        fn = lambda x: x + 1  # noqa: E731
+        CompiledOrEager._compiled[fn] = fn  # stands in for torch.compile's result: no compilation here
+        step = CompiledOrEager(fn, compiled=True)
+        inductor_config.deterministic = False
+        step(torch.ones(2))
+        print(json.dumps(state + [inductor_config.deterministic]))
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, True, False, True]

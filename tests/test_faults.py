@@ -221,6 +221,7 @@ def test_the_server_log_names_each_site_it_lost_and_why(tmp_path, server_task_id
 # --- 1. a site that starts failing ---------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_site_that_fails_mid_run_is_left_out_and_the_run_goes_on(sites, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path, out, min_sites=1, round_timeout=120.0)
@@ -264,6 +265,7 @@ def test_a_site_that_fails_mid_run_is_left_out_and_the_run_goes_on(sites, tmp_pa
 # --- 2. a SuperNode that dies --------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_supernode_costs_at_most_the_round_timeout(sites, tmp_path):
     out = tmp_path / "run"
     timeout = 60.0
@@ -301,6 +303,7 @@ def test_a_killed_supernode_costs_at_most_the_round_timeout(sites, tmp_path):
 # --- 3. the coordinator dies ---------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_server_resumes_losing_at_most_the_round_in_progress(sites, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path, out, rounds=2)

@@ -393,6 +393,7 @@ def test_fedbn_records_the_validation_dice_of_the_checkpoint_it_saves(sites, tmp
 # --- 4. a real deployment: SuperLink with TLS and SuperNode auth, two SuperNodes -----------------
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_deployment_with_tls_and_supernode_authentication(sites, tmp_path):
     link = Loopback(tmp_path)
     try:
@@ -442,17 +443,19 @@ def test_deployment_with_tls_and_supernode_authentication(sites, tmp_path):
         assert [(r["round"], r["site"], r["modality"]) for r in lines] == \
             [(1, "ct", "CT"), (1, "mri", "MRI"), (2, "ct", "CT"), (2, "mri", "MRI")]
 
-        # the same SuperNodes, a run with secure aggregation (SecAgg+ in Flower's processes)
+        # the same SuperNodes, a run with secure aggregation (SecAgg+ in Flower's processes); one
+        # round: the masked exchange is the same in every round, and the run above showed the rounds
         secure = tmp_path / "secagg-run"
-        replace(tiny_config(secure, {"ct": "-", "mri": "-"}), cache_dir=str(cache), secagg=True).write(config_file)
+        replace(tiny_config(secure, {"ct": "-", "mri": "-"}, rounds=1), cache_dir=str(cache),
+                secagg=True).write(config_file)
         run = link.start("flwr-run-secagg", [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream",
                                              "--run-config", f"config-file='{config_file}'"])
         code = _wait(run, 300)
         assert code == 0, link.log("flwr-run-secagg")[-4000:]
-        assert load_raw(secure / "checkpoints" / "last.pt")["meta"]["round"] == 2
+        assert load_raw(secure / "checkpoints" / "last.pt")["meta"]["round"] == 1
+        assert load_raw(secure / "checkpoints" / "last.pt")["meta"]["sites_replied"] == 2
         lines = [json.loads(line) for line in (secure / "metrics.jsonl").read_text().splitlines()]
-        assert [(r["round"], r["site"], r["trained"]) for r in lines] == \
-            [(1, "ct", True), (1, "mri", True), (2, "ct", True), (2, "mri", True)]
+        assert [(r["round"], r["site"], r["trained"]) for r in lines] == [(1, "ct", True), (1, "mri", True)]
     finally:
         stopped = _stop(link.procs)
     assert len(stopped) >= 3 and not any(_alive(pid) for pid in stopped)

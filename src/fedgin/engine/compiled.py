@@ -119,6 +119,11 @@ class CompiledOrEager:
         compiled = self._compiled.get(self.fn) if self._wanted else None
         if compiled is None:
             return self.fn(*args, **kwargs)
+        import torch._inductor.config as inductor_config
+
+        # what torch.use_deterministic_algorithms would have set (fedgin's seeding sets torch's
+        # flag alone, so that an eager process never imports inductor: trainer.set_deterministic)
+        inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as exc:

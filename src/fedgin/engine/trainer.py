@@ -36,7 +36,22 @@ def seed_everything(seed: int) -> None:
     """Seed torch and make CPU kernels deterministic (repeatable runs on CPU)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    set_deterministic()
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels, warn-only (``torch.use_deterministic_algorithms(True, warn_only=True)``).
+
+    ``torch.use_deterministic_algorithms`` also sets inductor's ``deterministic`` flag and imports
+    inductor for it: 3 s at the start of every process (each Flower ClientApp is one), although
+    only a compiled step reads it. So the flag is set here only when inductor is already loaded,
+    and :mod:`fedgin.engine.compiled` sets it from torch's state before it compiles."""
+    import sys
+
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 @dataclass
