@@ -25,10 +25,11 @@ Fixtures (all function-scoped):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,24 @@ def phantom_datasets(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
         return written[key]
 
     return get
+
+
+@contextlib.contextmanager
+def benchmark_module(script: str) -> Iterator:
+    """``benchmarks/<script>.py`` imported as a module for the length of the ``with`` (registered in
+    ``sys.modules`` meanwhile: a dataclass looks its module up while being defined)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"{script}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
 
 
 def copy_sites(sites: Iterable[Path], dest: Path) -> list[Path]:

@@ -2,26 +2,17 @@
 finished, Dice is the mean of the organs' means, and the default model's failure share counts
 organ-cases below 0.7."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cv_goals.py"
-
+from conftest import benchmark_module
 
 @pytest.fixture(scope="module")
 def cv_goals():
-    spec = importlib.util.spec_from_file_location("cv_goals_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("cv_goals") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def _run(record: Path, fold: int, scenario: str, method: str, dice: dict[tuple[str, str], list[float]]) -> None:

@@ -1,26 +1,16 @@
 """``benchmarks/domain_gap.py`` without training: its options, its refusal of a missing real bundle,
 and the report it draws from a result JSON (``--redraw``)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "domain_gap.py"
-
+from conftest import benchmark_module
 
 @pytest.fixture(scope="module")
 def domain_gap():
-    spec = importlib.util.spec_from_file_location("domain_gap_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("domain_gap") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_budgets_are_total_steps_and_epochs_give_one_budget(domain_gap):

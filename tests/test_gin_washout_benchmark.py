@@ -1,29 +1,19 @@
 """``benchmarks/gin_washout.py``: its washout definition on synthetic slices, its refusal of a
 missing bundle, and (where the shared bundle is present) a short run on real CT and MRI slices."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fedgin.augment import GIN
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gin_washout.py"
-
+from conftest import benchmark_module
 
 @pytest.fixture(scope="module")
 def washout():
-    spec = importlib.util.spec_from_file_location("gin_washout_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("gin_washout") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def synthetic_slices() -> tuple[torch.Tensor, torch.Tensor]:
