@@ -23,24 +23,26 @@ import statistics
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, provenance, write_result, write_text  # noqa: E402
 
+from fedgin.data.datasets import CaseRef, open_dataset  # noqa: E402
+from fedgin.data.labels import get_scheme  # noqa: E402
+
 BUNDLE = ROOT.parent / "shared" / "data" / "abdomen-ct-mr" / "Dataset802_AbdomenMR"
-#: the dataset's label values (its dataset.json): kidneys pooled, as fedgin scores them
-ORGANS = {"liver": (1,), "kidneys": (2, 3), "spleen": (4,)}
+ORGANS = ("liver", "kidneys", "spleen")
+SCHEME = get_scheme("abdomen5")  # both kidneys one class, as fedgin scores them
 
 
-def organ_means(image: Path, label: Path) -> dict[str, float | None]:
-    img = np.asarray(nib.load(str(image)).dataobj, dtype=np.float32)
-    lab = np.asarray(nib.load(str(label)).dataobj)
+def organ_means(case: CaseRef) -> dict[str, float | None]:
+    """Mean image intensity inside each of ``ORGANS`` the case annotates (its label read and mapped
+    to the scheme as training reads it); None for an organ it does not annotate or that is absent."""
+    image, label, _ = case.read(SCHEME)
     out = {}
-    for organ, values in ORGANS.items():
-        mask = np.isin(lab, values)
-        out[organ] = float(img[mask].mean()) if mask.any() else None
+    for organ in ORGANS:
+        mask = label == SCHEME.label_ids[organ]
+        out[organ] = float(image[mask].mean()) if organ in case.annotated and mask.any() else None
     return out
 
 
@@ -69,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the bundle is not at {args.data}", file=sys.stderr)
         return 2
     cases = {}
-    for image in sorted((args.data / "imagesTr").glob("*_0000.nii.gz")):
-        case = image.name.removesuffix("_0000.nii.gz")
-        label = args.data / "labelsTr" / f"{case}.nii.gz"
-        means = organ_means(image, label)
+    for ref in open_dataset(args.data, SCHEME).cases:
+        means = organ_means(ref)
         if means["liver"] and means["spleen"]:
-            cases[case] = {"mean_intensity": means, "spleen_over_liver": means["spleen"] / means["liver"]}
+            cases[ref.case_id] = {"mean_intensity": means, "spleen_over_liver": means["spleen"] / means["liver"]}
     ratios = {c: v["spleen_over_liver"] for c, v in cases.items()}
     for case, value in cases.items():
         # against the other cases of the same source (the case id's prefix: chaos, ts): one sequence

@@ -90,11 +90,11 @@ def test_compiled_gradients_match_eager(site, compiled_training):
     (eager_loss, eager_grads), (loss, grads) = grads
     assert loss == pytest.approx(eager_loss, rel=1e-5)
     total = float(torch.cat([e.flatten() for e in eager_grads]).norm())
-    worst = max(float((g - e).norm()) / (1e-3 * float(e.norm()) + 1e-5 * total) for g, e in zip(grads, eager_grads))
-    print(f"worst gradient error / bound: {worst:.3f}")
-    for g, e in zip(grads, eager_grads):
-        # the floor (1e-5 of the whole gradient's norm) is for the rounding-noise gradients
-        assert float((g - e).norm()) <= 1e-3 * float(e.norm()) + 1e-5 * total
+    # each parameter's error over its bound; the floor (1e-5 of the whole gradient's norm) is for
+    # the rounding-noise gradients
+    ratios = [float((g - e).norm()) / (1e-3 * float(e.norm()) + 1e-5 * total) for g, e in zip(grads, eager_grads)]
+    print(f"worst gradient error / bound: {max(ratios):.3f}")
+    assert max(ratios) <= 1, ratios
 
 
 @pytest.mark.long

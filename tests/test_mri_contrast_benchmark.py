@@ -23,6 +23,10 @@ def _case(root, case: str, liver: float, spleen: float) -> None:
     (root / "labelsTr").mkdir(exist_ok=True)
     nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / f"{case}_0000.nii.gz"))
     nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labelsTr" / f"{case}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz",
+        "labels": {"background": 0, "liver": 1, "kidney_right": 2, "kidney_left": 3, "spleen": 4},
+        "numTraining": len(list((root / "labelsTr").glob("*.nii.gz")))}))
 
 
 def test_a_case_whose_spleen_is_as_dark_as_its_liver_stands_out_with_every_runs_dice(tmp_path):
