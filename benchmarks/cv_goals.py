@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, now_iso  # noqa: E402
+from _common import RESULTS, ROOT, command_line, now_iso  # noqa: E402
 
 ORGANS = ("liver", "kidneys", "spleen")
 MODALITIES = ("CT", "MRI")
@@ -119,6 +119,10 @@ def goals(runs: dict, budget: dict | None) -> list[dict]:
         level_goal(runs, "CT-only model with GIN, zero-shot on MRI", (c, "local-ct+gin"), "MRI", 0.60),
         difference_goal(runs, "CT-only model: GIN's in-domain cost (local-ct+gin CT - local-ct CT)",
                         (c, "local-ct+gin"), (c, "local-ct"), "CT", -0.02),
+        level_goal(runs, "CT-only model with GIN + IPA on every slice (local-ct+ipa-p100), zero-shot on MRI",
+                   (c, "local-ct+ipa-p100"), "MRI", 0.60),
+        difference_goal(runs, "CT-only model with GIN + IPA on every slice: in-domain cost (its CT - local-ct CT)",
+                        (c, "local-ct+ipa-p100"), (c, "local-ct"), "CT", -0.02),
         level_goal(runs, "default model (complete, fedgin) on MRI", (c, "fedgin"), "MRI", 0.90),
         level_goal(runs, "default model (complete, fedgin) on CT", (c, "fedgin"), "CT", 0.90),
         failure_goal(runs, (c, "fedgin")),
@@ -161,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = read_runs(args.record)
     budget = json.loads(args.budget.read_text()) if args.budget.exists() else None
-    result = {"command": command_line(argv, __file__), "date": now_iso(), "record": str(args.record),
+    record = args.record.resolve()
+    shown = record.relative_to(ROOT) if record.is_relative_to(ROOT) else record
+    result = {"command": command_line(argv, __file__), "date": now_iso(), "record": str(shown),
               "finished_runs": sum(len(f) for f in runs.values()), "goals": goals(runs, budget)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
