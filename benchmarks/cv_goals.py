@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -63,12 +64,34 @@ def paired(runs: dict, a: tuple[str, str], b: tuple[str, str], modality: str) ->
         da, db = mean_dice(runs[a][f], modality), mean_dice(runs[b][f], modality)
         per_fold[f] = None if da is None or db is None else round(da - db, 4)
     return {"folds": folds, "a": mean_dice(rows_a, modality), "b": mean_dice(rows_b, modality),
-            "per_fold": per_fold}
+            "per_fold": per_fold, "pairs": case_pairs(rows_a, rows_b, modality)}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: the chance of a split at least this uneven if either side were as
+    likely to win each pair (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def case_pairs(rows_a: list[dict], rows_b: list[dict], modality: str) -> dict:
+    """The same patient's same organ scored by both runs: how often ``a`` is better, worse, equal
+    (within 0.001 Dice), and the sign test's p on that split."""
+    def keyed(rows):
+        return {(r["fold"], r["case"], r["organ"]): r["dice"] for r in rows if r["modality"] == modality}
+    da, db = keyed(rows_a), keyed(rows_b)
+    diffs = [da[k] - db[k] for k in sorted(set(da) & set(db))]
+    wins, losses = sum(d > 1e-3 for d in diffs), sum(d < -1e-3 for d in diffs)
+    return {"wins": wins, "losses": losses, "ties": len(diffs) - wins - losses,
+            "p": round(sign_test(wins, losses), 4)}
 
 
 def _goal(name: str, comparison: dict, value: float | None, target: str, met: bool | None) -> dict:
     return {"goal": name, "target": target, "value": None if value is None else round(value, 4),
-            "met": met, **{k: comparison[k] for k in ("folds", "per_fold") if k in comparison},
+            "met": met, **{k: comparison[k] for k in ("folds", "per_fold", "pairs") if k in comparison},
             **({"a": round(comparison["a"], 4), "b": round(comparison["b"], 4)}
                if comparison.get("a") is not None and comparison.get("b") is not None else {})}
 
@@ -135,6 +158,32 @@ def goals(runs: dict, budget: dict | None) -> list[dict]:
     return out
 
 
+#: the order of the grid's methods in the table (others follow, sorted)
+METHOD_ORDER = ("local-ct", "local-ct+gin", "local-ct+ipa-p100", "local-mri", "centralized", "fedavg", "fedgin")
+
+
+def method_table(runs: dict) -> list[dict]:
+    """One row per (scenario, method): per fold and pooled over its finished folds, the mean Dice
+    per modality and the organ-cases below ``FAIL_DICE``."""
+    def order(key):
+        scenario, method = key
+        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        return (scenario != "complete", scenario, rank, method)
+    rows = []
+    for key in sorted(runs, key=order):
+        folds = runs[key]
+        def cell(case_rows, modality):
+            values = [r["dice"] for r in case_rows if r["modality"] == modality]
+            dice = mean_dice(case_rows, modality)
+            return {"dice": None if dice is None else round(dice, 4), "below": sum(v < FAIL_DICE for v in values),
+                    "organ_cases": len(values)}
+        pooled = [r for f in sorted(folds) for r in folds[f]]
+        rows.append({"scenario": key[0], "method": key[1], "folds": sorted(folds),
+                     "per_fold": {f: {m: cell(folds[f], m) for m in MODALITIES} for f in sorted(folds)},
+                     "pooled": {m: cell(pooled, m) for m in MODALITIES}})
+    return rows
+
+
 def _cell(value) -> str:
     return "–" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
@@ -144,16 +193,37 @@ def markdown(result: dict) -> str:
              f"`{result['command']}` ({result['date']}); record: `{result['record']}`. Finished runs: "
              f"{result['finished_runs']}. A comparison pools only the folds where both of its runs are finished "
              "(column *folds*); Dice: mean over liver, kidneys, spleen of each organ's mean over the test patients.",
-             "", "| goal | target | measured | A | B | folds | per-fold difference | met |", "|---|---|---|---|---|---|---|---|"]
+             "", "Column *organ-cases A / B better*: the same patient's same organ scored by both runs, "
+             "how often A is better and how often B (by more than 0.001), with the exact sign test's two-sided p.",
+             "", "| goal | target | measured | A | B | folds | per-fold difference | organ-cases A / B better (p) | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in result["goals"]:
         per_fold = ", ".join(f"{f}: {d:+.3f}" for f, d in g.get("per_fold", {}).items() if d is not None)
         met = {True: "yes", False: "**no**", None: "not measured yet"}[g["met"]]
+        pairs = g.get("pairs")
+        pairs = f"{pairs['wins']} / {pairs['losses']} (p {pairs['p']:.3f})" if pairs and pairs["wins"] + pairs["losses"] else "–"
         lines.append(f"| {g['goal']} | {g['target']} | {_cell(g['value'])} | {_cell(g.get('a'))} | {_cell(g.get('b'))} "
-                     f"| {', '.join(map(str, g.get('folds', []))) or '–'} | {per_fold or '–'} | {met} |")
+                     f"| {', '.join(map(str, g.get('folds', []))) or '–'} | {per_fold or '–'} | {pairs} | {met} |")
     failure = next(g for g in result["goals"] if "shares" in g)
     if failure["shares"]:
         lines += ["", "Default model, cases with Dice below 0.7 per organ: " +
                   "; ".join(f"{k} {v['below']}/{v['cases']}" for k, v in failure["shares"].items()) + "."]
+    table = result.get("methods", [])
+    folds = sorted({f for row in table for f in row["folds"]})
+    if table:
+        lines += ["", "## Every finished run", "",
+                  "Mean Dice over liver, kidneys, spleen per fold and pooled over the run's finished folds "
+                  f"(its organ-cases below Dice {FAIL_DICE} in brackets; empty: not finished).", "",
+                  "| scenario | method | " + " | ".join(f"fold {f}: {m}" for f in folds for m in MODALITIES)
+                  + " | pooled: CT | pooled: MRI | pooled folds |",
+                  "|---|---|" + "---|" * (len(folds) * len(MODALITIES) + 3)]
+
+        def shown(cell):
+            return "" if cell["dice"] is None else f"{cell['dice']:.3f} ({cell['below']})"
+        for row in table:
+            cells = [shown(row["per_fold"][f][m]) if f in row["per_fold"] else "" for f in folds for m in MODALITIES]
+            cells += [shown(row["pooled"][m]) for m in MODALITIES] + [", ".join(map(str, row["folds"]))]
+            lines.append(f"| {row['scenario']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     record = args.record.resolve()
     shown = record.relative_to(ROOT) if record.is_relative_to(ROOT) else record
     result = {"command": command_line(argv, __file__), "date": now_iso(), "record": str(shown),
-              "finished_runs": sum(len(f) for f in runs.values()), "goals": goals(runs, budget)}
+              "finished_runs": sum(len(f) for f in runs.values()), "goals": goals(runs, budget),
+              "methods": method_table(runs)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

@@ -75,3 +75,43 @@ def test_the_script_writes_its_table_with_the_command(cv_goals, tmp_path):
     assert by_name["`fedgin federate` on the bundle (default recipe), minutes on 2 cores"]["value"] == 16.6
     text = (tmp_path / "goals.md").read_text()
     assert "python benchmarks/cv_goals.py --record" in text and "not measured yet" in text
+
+
+def test_the_sign_test_is_exact_and_pairs_match_the_same_patient_and_organ(cv_goals, tmp_path):
+    assert cv_goals.sign_test(0, 0) == 1.0
+    assert cv_goals.sign_test(5, 5) == 1.0
+    assert cv_goals.sign_test(6, 0) == pytest.approx(2 / 64)  # all six one way: 2 * (1/2)^6
+    assert cv_goals.sign_test(9, 1) == pytest.approx(2 * 11 / 1024)  # 2 * (C(10,0) + C(10,1)) / 2^10
+    record = tmp_path / "cv3"
+    a = _uniform(0.9, 0.8, cases=3)
+    b = _uniform(0.9, 0.8, cases=3)
+    a[("MRI", "liver")] = [0.9, 0.9, 0.7]  # better on 2 livers, worse on 1
+    a[("MRI", "spleen")] = [0.85, 0.8, 0.8005]  # better on one spleen; 0.0005 counts as a tie
+    _run(record, 0, "complete", "fedgin", a)
+    _run(record, 0, "complete", "fedavg", b)
+    runs = cv_goals.read_runs(record)
+    goal = cv_goals.difference_goal(runs, "g", ("complete", "fedgin"), ("complete", "fedavg"), "MRI", 0.01)
+    assert goal["pairs"] == {"wins": 3, "losses": 1, "ties": 5, "p": pytest.approx(cv_goals.sign_test(3, 1), abs=1e-4)}
+    ct = cv_goals.difference_goal(runs, "g", ("complete", "fedgin"), ("complete", "fedavg"), "CT", -0.01)
+    assert ct["pairs"]["ties"] == 9 and ct["pairs"]["p"] == 1.0
+
+
+def test_the_method_table_gives_each_fold_and_the_pooled_mean_with_failures(cv_goals, tmp_path):
+    record = tmp_path / "cv3"
+    _run(record, 0, "complete", "fedgin", _uniform(0.9, 0.8))
+    low = _uniform(0.5, 0.6)
+    low[("CT", "liver")] = [0.9, 0.9]
+    _run(record, 1, "complete", "fedgin", low)
+    _run(record, 0, "limited-1to5", "fedavg", _uniform(0.8, 0.4))
+    _run(record, 0, "complete", "local-ct", _uniform(0.8, 0.1))
+    table = cv_goals.method_table(cv_goals.read_runs(record))
+    assert [(r["scenario"], r["method"]) for r in table] == [
+        ("complete", "local-ct"), ("complete", "fedgin"), ("limited-1to5", "fedavg")]
+    fedgin = table[1]
+    assert fedgin["folds"] == [0, 1]
+    assert fedgin["per_fold"][1]["CT"] == {"dice": pytest.approx((0.9 + 0.5 + 0.5) / 3, abs=1e-4), "below": 4, "organ_cases": 6}
+    assert fedgin["pooled"]["MRI"]["dice"] == pytest.approx(0.7) and fedgin["pooled"]["MRI"]["below"] == 6
+    text = cv_goals.markdown({"command": "c", "date": "d", "record": "r", "finished_runs": 4, "goals": [
+        cv_goals.failure_goal(cv_goals.read_runs(record), ("complete", "fedgin"))], "methods": table})
+    assert "| complete | fedgin | 0.900 (0) | 0.800 (0) | 0.633 (4) | 0.600 (6) | 0.767 (4) | 0.700 (6) | 0, 1 |" in text
+    assert "| limited-1to5 | fedavg | 0.800 (0) | 0.400 (6) |  |  |" in text
