@@ -112,6 +112,9 @@ VARIANTS = {
                       "the preset's recipe (GIN + IPA on half of the slices), 2.5D: 3 slices as input channels"),
     "no-gin-ctx3": ({"gin": False, "gin_p": 1.0, "ipa": False, **_ONE_VIEW}, "GIN off, 2.5D: 3 slices as input channels"),
     "ipa-ctx3": ({**_IPA, **_ONE_VIEW}, "GIN + IPA on every training slice (p = 1), 2.5D: 3 slices as input channels"),
+    "ipa-curve-ctx3": ({**_IPA, **_ONE_VIEW, "curve_p": 0.5},
+                       "random Bezier intensity curves on half of the slices, then GIN + IPA on every slice (p = 1), "
+                       "2.5D: 3 slices as input channels"),
 }
 # variants trained on another preprocessing than the preset's
 PREPROCESS = {"gin-unit": {"intensity": "unit"}, "no-gin-unit": {"intensity": "unit"}}
@@ -119,7 +122,8 @@ PREPROCESS = {"gin-unit": {"intensity": "unit"}, "no-gin-unit": {"intensity": "u
 # preset's model 1.25x the budget)
 MODEL = {"no-gin-res2": {"num_res_units": 2}, "ipa-res2": {"num_res_units": 2},
          # 2.5D (--context 3): only the first convolution grows, so the time per step is about 2D's
-         "ipa-p0.5-ctx3": {"in_channels": 3}, "no-gin-ctx3": {"in_channels": 3}, "ipa-ctx3": {"in_channels": 3}}
+         "ipa-p0.5-ctx3": {"in_channels": 3}, "no-gin-ctx3": {"in_channels": 3}, "ipa-ctx3": {"in_channels": 3},
+         "ipa-curve-ctx3": {"in_channels": 3}}
 DEFAULTS = {
     "phantom": {"variants": ("no-gin", "gin"), "steps": 50, "epochs": 12, "budgets": None,
                 "train_cases": 8, "test_cases": 8, "out": RESULTS / "domain_gap.json"},

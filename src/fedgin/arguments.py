@@ -89,6 +89,9 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
                    help="learning rate over the whole run: poly (nnU-Net's (1 - t/T)^0.9) or constant")
     p.add_argument("--no-intensity-augment", dest="intensity_augment", action="store_false", default=None,
                    help="no standard brightness/contrast/noise/gamma augmentation")
+    p.add_argument("--curve-p", type=float,
+                   help="probability that a training slice's intensities go through a random Bezier curve "
+                        "(before GIN, for every method; default 0: off)")
     _add_context(p)
     p.add_argument("--batch-size", type=POSITIVE_INT)
     p.add_argument("--lr", type=POSITIVE_FLOAT)

@@ -31,6 +31,7 @@ def _train_overrides(args) -> dict:
         "consistency": args.consistency,
         "lr_schedule": args.lr_schedule,
         "intensity_augment": args.intensity_augment,
+        "curve_p": args.curve_p,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "steps_per_epoch": args.steps_per_epoch,
@@ -52,7 +53,7 @@ _RUN_FIELDS = {
     "cache_dir": "cache_dir", "device": "device", "postprocess": "postprocess", "context": "model.in_channels",
     "epochs": "train.epochs", "threads": "train.num_threads",
     **{dest: f"train.{dest}" for dest in ("gin", "ipa", "gin_p", "gin_views", "clean_view", "consistency",
-                                          "lr_schedule", "intensity_augment", "batch_size", "lr",
+                                          "lr_schedule", "intensity_augment", "curve_p", "batch_size", "lr",
                                           "steps_per_epoch", "compile")},
 }
 

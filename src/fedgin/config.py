@@ -67,6 +67,9 @@ class TrainConfig:
     views' predictions (Ouyang et al.); a step always takes ``batch_size`` images. ``compile``:
     the training step through ``torch.compile`` where a compiler is available
     (:mod:`fedgin.engine.compiled`; ``FEDGIN_COMPILE=0`` turns it off for the process).
+    ``curve_p``: the per-sample probability of a random Bezier intensity curve
+    (:class:`fedgin.augment.RandomCurve`), after the standard augmentation and before GIN, for
+    every method (GIN or not); 0 is off.
     """
 
     epochs: int = 20
@@ -84,6 +87,7 @@ class TrainConfig:
     lr_schedule: str = "poly"
     poly_exponent: float = 0.9
     intensity_augment: bool = True
+    curve_p: float = 0.0
 
     spatial_augment: bool = True
     proximal_mu: float = 0.0
@@ -99,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"consistency must be >= 0, got {self.consistency}")
         if not 0.0 <= self.gin_p <= 1.0:
             raise ValueError(f"gin_p must be in [0, 1], got {self.gin_p}")
+        if not 0.0 <= self.curve_p <= 1.0:
+            raise ValueError(f"curve_p must be in [0, 1], got {self.curve_p}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
@@ -232,7 +238,7 @@ FIELD_OPTIONS = {
     "train.lr": "--lr", "train.steps_per_epoch": "--steps-per-epoch", "train.gin": "--gin/--no-gin",
     "train.gin_p": "--gin-p", "train.ipa": "--ipa/--no-ipa", "train.gin_views": "--gin-views",
     "train.clean_view": "--clean-view", "train.consistency": "--consistency", "train.lr_schedule": "--lr-schedule",
-    "train.intensity_augment": "--no-intensity-augment",
+    "train.intensity_augment": "--no-intensity-augment", "train.curve_p": "--curve-p",
 }
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..augment import GIN, IPA, RandomIntensity
+from ..augment import GIN, IPA, RandomCurve, RandomIntensity
 from ..config import TrainConfig
 from ..data.labels import LabelScheme
 from ..data.sites import CaseData
@@ -142,6 +142,8 @@ class Trainer:
         self.amp = cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.intensity = RandomIntensity() if cfg.intensity_augment else None
+        # off by default: a run without curves draws exactly what it drew before they existed
+        self.curve = RandomCurve(p=cfg.curve_p) if cfg.curve_p > 0 else None
         self.gin = self.ipa = None
         # 2.5D (in_channels K > 1): each slice comes with its neighbours, and one GIN draw per
         # sample changes the contrast of the whole stack alike
@@ -174,10 +176,11 @@ class Trainer:
 
     def _views(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """``B x 1 x H x W`` -> ``(k * B) x 1 x H x W``, view-major: the GIN (or IPA) views, then the
-        clean view; each with its own standard intensity draw."""
+        clean view; each with its own standard intensity (and intensity curve) draw."""
         out = []
         for v in range(self.views):
             x = self.intensity(images, generator=gen) if self.intensity is not None else images
+            x = self.curve(x, generator=gen) if self.curve is not None else x
             is_clean = self.cfg.clean_view and v == self.views - 1
             if self.use_gin and not is_clean:
                 x = self.ipa(x, generator=gen) if self.ipa is not None else self.gin(x, generator=gen)

@@ -53,6 +53,10 @@ RECIPES: dict[str, dict] = {
     "ouyang": {"gin": True, "gin_p": 1.0, "ipa": True, "gin_views": 3, "clean_view": False, "consistency": 2.0},
     # AugMix-style: one GIN + IPA view and the clean slice, both supervised, and their consistency
     "clean": {"gin": True, "gin_p": 1.0, "ipa": True, "gin_views": 1, "clean_view": True, "consistency": 2.0},
+    # random Bezier intensity curves on half of the slices (fedgin.augment.RandomCurve), alone or
+    # before GIN + IPA
+    "curve": {"gin": False, "curve_p": 0.5},
+    "ipa-curve": {"gin": True, "ipa": True, "curve_p": 0.5},
 }
 
 
@@ -84,7 +88,8 @@ def parse_method(text: str) -> Method:
     if base not in BASE_METHODS or suffix not in RECIPES or (base == "fedgin" and suffix == "gin") \
             or (gin_p is not None and not RECIPES[suffix]["gin"]):
         raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
-                          "(optionally +gin, +ipa, +gin1, +ouyang or +clean, each optionally with -pNN, "
+                          "(optionally +gin, +ipa, +gin1, +ouyang, +clean, +curve or +ipa-curve, the GIN ones "
+                          "optionally with -pNN, "
                           "NN% of slices through GIN; fedgin is fedavg+gin)")
     recipe = suffix or ("gin" if base == "fedgin" else "")
     if base in ("fedgin", "fedavg"):
@@ -189,7 +194,9 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 # what a finished run must share with what this call would train to be reused (the budget fields
 # are set per method kind, so they are left out)
 _RECIPE_FIELDS = ("lr", "weight_decay", "batch_size", "gin", "lr_schedule", "poly_exponent", "intensity_augment",
-                  "spatial_augment")
+                  "spatial_augment", "curve_p")
+# fields added after runs were recorded, and the value every run recorded without them trained with
+_ADDED_FIELDS = {"curve_p": 0.0}
 _GIN_FIELDS = ("gin_p", "ipa", "gin_views", "clean_view", "consistency")  # matter only with GIN on
 
 
@@ -205,7 +212,8 @@ def _check_same_recipe(run: Path, base: RunConfig) -> None:
 
 def _compare_recipe(run: Path, stored: dict, expected: dict) -> None:
     fields = _RECIPE_FIELDS + (_GIN_FIELDS if expected["train"]["gin"] else ())
-    differ = [f"train.{k}" for k in fields if stored.get("train", {}).get(k) != expected["train"][k]]
+    differ = [f"train.{k}" for k in fields
+              if stored.get("train", {}).get(k, _ADDED_FIELDS.get(k)) != expected["train"][k]]
     differ += [part for part in ("model", "preprocess") if stored.get(part) != expected[part]]
     if stored.get("rounds") != expected["rounds"] or stored.get("local_epochs") != expected["local_epochs"]:
         differ.append("rounds/local_epochs")

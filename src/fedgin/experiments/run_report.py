@@ -93,6 +93,8 @@ def write_run_report(run: Path, eval_dir: Path | None, out_md: Path, title: str 
                   f"- GIN: {_gin_recipe(cfg['train'])}, preset: {cfg['preset']}, seed: {cfg['seed']}",
                   f"- learning rate {cfg['train']['lr']}, schedule {cfg['train'].get('lr_schedule', 'constant')}, "
                   f"standard intensity augmentation {'on' if cfg['train'].get('intensity_augment') else 'off'}, "
+                  + (f"random intensity curves on a share {cfg['train']['curve_p']:g} of the slices, "
+                     if cfg['train'].get('curve_p') else "") +
                   f"intensities {cfg['preprocess'].get('intensity', 'unit')}", ""]
         private = [r["privacy"] for r in read_metrics(run) if r.get("privacy")]
         if private:
