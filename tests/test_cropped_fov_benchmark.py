@@ -5,7 +5,6 @@ small random model."""
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import benchmark_module
