@@ -184,6 +184,42 @@ def method_table(runs: dict) -> list[dict]:
     return rows
 
 
+#: the methods that train on each modality: a patient they all miss is hard for the data, not the method
+IN_DOMAIN = {"CT": ("local-ct", "local-ct+gin", "local-ct+ipa-p100", "centralized", "fedavg", "fedgin"),
+             "MRI": ("local-mri", "centralized", "fedavg", "fedgin")}
+
+
+def patient_table(runs: dict, scenario: str = "complete") -> list[dict]:
+    """One row per test patient of ``scenario``: its fold, modality, each method's mean Dice over the
+    patient's organs of ``ORGANS``, and the organs that every finished in-domain method (``IN_DOMAIN``)
+    scores below ``FAIL_DICE`` on it."""
+    per_case: dict[tuple[int, str, str], dict[str, dict[str, float]]] = {}
+    for (scen, method), folds in runs.items():
+        if scen != scenario:
+            continue
+        for fold, rows in folds.items():
+            for r in rows:
+                per_case.setdefault((fold, r["modality"], r["case"]), {}).setdefault(method, {})[r["organ"]] = r["dice"]
+    table = []
+    for (fold, modality, case), methods in sorted(per_case.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        in_domain = [m for m in IN_DOMAIN[modality] if m in methods]
+        organs = [o for o in ORGANS if any(o in methods[m] for m in methods)]
+        missed = [o for o in organs if in_domain and all(methods[m].get(o, 1.0) < FAIL_DICE for m in in_domain)]
+        table.append({"case": case, "fold": fold, "modality": modality,
+                      "dice": {m: round(sum(d.values()) / len(d), 4) for m, d in methods.items()},
+                      "missed_by_every_in_domain_method": missed})
+    return table
+
+
+def without_hard_patients(runs: dict, run: tuple[str, str], table: list[dict]) -> dict:
+    """``run``'s pooled Dice per modality leaving out the patients of ``table`` that every in-domain
+    method misses on some organ (a diagnosis on test patients, not a result to report alone)."""
+    hard = {(r["fold"], r["case"]) for r in table if r["missed_by_every_in_domain_method"]}
+    rows = [r for f in sorted(runs.get(run, {})) for r in runs[run][f] if (f, r["case"]) not in hard]
+    return {"left_out": sorted(c for _, c in hard),
+            **{m: None if (d := mean_dice(rows, m)) is None else round(d, 4) for m in MODALITIES}}
+
+
 def _cell(value) -> str:
     return "–" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
@@ -224,6 +260,24 @@ def markdown(result: dict) -> str:
             cells = [shown(row["per_fold"][f][m]) if f in row["per_fold"] else "" for f in folds for m in MODALITIES]
             cells += [shown(row["pooled"][m]) for m in MODALITIES] + [", ".join(map(str, row["folds"]))]
             lines.append(f"| {row['scenario']} | {row['method']} | " + " | ".join(cells) + " |")
+    patients = result.get("patients", [])
+    if patients:
+        methods = [m for m in METHOD_ORDER if any(m in r["dice"] for r in patients)]
+        methods += sorted({m for r in patients for m in r["dice"]} - set(methods))
+        lines += ["", "## Every test patient (scenario `complete`)", "",
+                  "Each method's mean Dice over the patient's organs of liver, kidneys, spleen; the last column names "
+                  f"the organs that every method trained on the patient's modality scores below {FAIL_DICE}.", "",
+                  "| patient | fold | modality | " + " | ".join(methods) + " | missed by every in-domain method |",
+                  "|---|---|---|" + "---|" * (len(methods) + 1)]
+        for r in patients:
+            cells = [_cell(r["dice"].get(m)) if m in r["dice"] else "" for m in methods]
+            lines.append(f"| {r['case']} | {r['fold']} | {r['modality']} | " + " | ".join(cells)
+                         + f" | {', '.join(r['missed_by_every_in_domain_method']) or '–'} |")
+        easy = result.get("default_without_hard_patients")
+        if easy and easy["left_out"]:
+            lines += ["", f"The default model (complete, fedgin) without the patients every in-domain method misses "
+                      f"({', '.join(easy['left_out'])}): CT {_cell(easy['CT'])}, MRI {_cell(easy['MRI'])} "
+                      "(a diagnosis on test patients: no choice rests on it)."]
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = record.relative_to(ROOT) if record.is_relative_to(ROOT) else record
     result = {"command": command_line(argv, __file__), "date": now_iso(), "record": str(shown),
               "finished_runs": sum(len(f) for f in runs.values()), "goals": goals(runs, budget),
-              "methods": method_table(runs)}
+              "methods": method_table(runs), "patients": patient_table(runs)}
+    result["default_without_hard_patients"] = without_hard_patients(runs, ("complete", "fedgin"), result["patients"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

@@ -115,3 +115,27 @@ def test_the_method_table_gives_each_fold_and_the_pooled_mean_with_failures(cv_g
         cv_goals.failure_goal(cv_goals.read_runs(record), ("complete", "fedgin"))], "methods": table})
     assert "| complete | fedgin | 0.900 (0) | 0.800 (0) | 0.633 (4) | 0.600 (6) | 0.767 (4) | 0.700 (6) | 0, 1 |" in text
     assert "| limited-1to5 | fedavg | 0.800 (0) | 0.400 (6) |  |  |" in text
+
+
+def test_a_patient_every_in_domain_method_misses_is_named_and_can_be_left_out(cv_goals, tmp_path):
+    record = tmp_path / "cv3"
+    hard = _uniform(0.9, 0.9)
+    hard[("MRI", "spleen")] = [0.9, 0.2]  # patient mri1's spleen: missed by both MRI-trained methods
+    _run(record, 0, "complete", "fedgin", hard)
+    _run(record, 0, "complete", "fedavg", hard)
+    other = _uniform(0.9, 0.05)  # a CT-only model misses every MRI: not in-domain, so it does not count
+    other[("CT", "liver")] = [0.9, 0.5]  # ct1's liver: fedgin and fedavg score it 0.9, so it is not hard
+    _run(record, 0, "complete", "local-ct", other)
+    runs = cv_goals.read_runs(record)
+    table = {r["case"]: r for r in cv_goals.patient_table(runs)}
+    assert table["mri1"]["missed_by_every_in_domain_method"] == ["spleen"]
+    assert table["mri0"]["missed_by_every_in_domain_method"] == []
+    assert table["ct1"]["missed_by_every_in_domain_method"] == []
+    assert table["mri1"]["dice"]["fedgin"] == pytest.approx((0.9 + 0.9 + 0.2) / 3, abs=1e-4)
+    easy = cv_goals.without_hard_patients(runs, ("complete", "fedgin"), list(table.values()))
+    assert easy["left_out"] == ["mri1"] and easy["MRI"] == pytest.approx(0.9) and easy["CT"] == pytest.approx(0.9)
+    result = {"command": "c", "date": "d", "record": "r", "finished_runs": 3, "goals": [cv_goals.failure_goal(runs, ("complete", "fedgin"))],
+              "methods": cv_goals.method_table(runs), "patients": list(table.values()),
+              "default_without_hard_patients": easy}
+    text = cv_goals.markdown(result)
+    assert "| mri1 | 0 | MRI |" in text and "without the patients every in-domain method misses (mri1)" in text
