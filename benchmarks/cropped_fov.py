@@ -1,7 +1,7 @@
 """Does a tightly cropped field of view cost Dice? The same CT patients, whole and cropped.
 
 The grid's fold 2 tests ``tsds_s0009``, a TotalSegmentator CT cut to 119 x 119 voxels of 1.5 mm
-(179 mm in-plane, against 336-371 mm for the other CTs): no body outline, every organ cut by the
+(179 mm in-plane, against 303-372 mm for the other CTs): no body outline, every organ cut by the
 field's edge; every method misses it. To measure whether such a crop by itself costs a model its
 Dice, each CT case of ``--data`` with liver, kidneys and spleen (or with the liver alone:
 ``chaos_ct_liver``) is written twice: whole, and cropped in-plane to ``--fov`` mm (default: the
@@ -9,8 +9,10 @@ Dice, each CT case of ``--data`` with liver, kidneys and spleen (or with the liv
 kept; the affine moved so the patient stays where it is in space). Both are predicted with
 ``fedgin predict --model MODEL`` (what a user gets: the image alone, the model's post-processing)
 and scored per organ (3D Dice) over the cropped region only, so both are scored on the same
-voxels (an organ wholly outside the window is left out). A case's role in the model's split (train / val / test) is reported: a training case
-shows the crop's effect on anatomy the model has seen, a val / test case on unseen anatomy.
+voxels (an organ wholly outside the window is left out). A case's role in the model's split
+(train / val / test, as training drew it: :func:`fedgin.data.splits.split_for`) is reported: a
+training case shows the crop's effect on anatomy the model has seen, a val / test case on unseen
+anatomy.
 Writes ``docs/results/cropped_fov.json`` (or ``--out``).
 
 Usage: ``python benchmarks/cropped_fov.py --model RUN [--data DIR] [--fov 178.5] [--out FILE]``
@@ -34,6 +36,7 @@ from field_of_view import predict  # noqa: E402
 from fedgin.data.datasets import open_dataset  # noqa: E402
 from fedgin.data.labels import get_scheme  # noqa: E402
 from fedgin.data.nifti import read_volume, write_volume  # noqa: E402
+from fedgin.data.splits import split_for  # noqa: E402
 from fedgin.engine.checkpoint import load_checkpoint  # noqa: E402
 from fedgin.engine.metrics import dice_score  # noqa: E402
 
@@ -60,13 +63,6 @@ def moved_affine(affine: np.ndarray, window: tuple[slice, slice]) -> np.ndarray:
     return moved
 
 
-def roles(split_file: str | None, dataset: str) -> dict[str, str]:
-    if not split_file or not Path(split_file).is_file():
-        return {}
-    split = json.loads(Path(split_file).read_text()).get("datasets", {}).get(dataset, {})
-    return {case: role for role in ("train", "val", "test") for case in split.get(role, [])}
-
-
 def _rounded(value):
     return None if value is None else round(float(value), 4)
 
@@ -85,11 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
     ids = {o: scheme.label_ids[o] for o in ORGANS}
     ckpt = load_checkpoint(args.model)
     dataset = open_dataset(args.data, scheme)
-    role_of = roles(ckpt.meta.get("split"), dataset.name)
+    refs = dataset.cases + dataset.test_cases
+    split = split_for(dataset.name, [r.case_id for r in refs], int(ckpt.meta.get("seed", 0)), ckpt.meta.get("split"))
+    role_of = {case: role for role in ("train", "val", "test") for case in getattr(split, role)}
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     work = Path(tempfile.mkdtemp(prefix="fedgin-bench-crop-"))
     kept = {}
-    for ref in dataset.cases + dataset.test_cases:
+    for ref in refs:
         organs = [o for o in ORGANS if o in ref.annotated]
         if "liver" not in organs:
             continue
