@@ -63,12 +63,14 @@ def finished_runs(work: Path) -> list[Path]:
     return sorted(p.parent.parent for p in work.glob("folds/fold*/runs/*/*/seed*/eval/summary.json"))
 
 
-def export(work: Path, record: Path) -> list[Path]:
+def export(work: Path, record: Path, runs_only: bool = False) -> list[Path]:
     """Copy the finished runs and the experiment's own files (split files, results, reports) from
-    ``work`` into ``record``; returns the files copied."""
+    ``work`` into ``record``; returns the files copied. ``runs_only``: the finished runs alone (a
+    second experiment dir over the same folds, e.g. one more method, adds its runs to the record
+    without replacing the grid's pooled files)."""
     copied = []
-    sources = [p for p in work.glob("*") if p.is_file()]
-    sources += [p for p in work.glob("folds/fold*/*") if p.is_file()]
+    sources = [] if runs_only else [p for p in work.glob("*") if p.is_file()]
+    sources += [] if runs_only else [p for p in work.glob("folds/fold*/*") if p.is_file()]
     for run in finished_runs(work):
         sources += [p for p in run.rglob("*")]
     for path in sources:
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restore", action="store_true", help="copy the record into WORK first")
     parser.add_argument("--run", action="store_true", help="run (resume) the grid in WORK")
     parser.add_argument("--export", action="store_true", help="copy what is finished into the record")
+    parser.add_argument("--runs-only", action="store_true",
+                        help="with --export: copy the finished runs only, not WORK's pooled results and reports "
+                             "(WORK is another experiment over the record's folds)")
     args = parser.parse_args(argv)
     if not (args.restore or args.run or args.export):
         parser.error("nothing to do: give --restore, --run and/or --export")
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache_dir or args.work.parent / "cache"
         rc = subprocess.run(experiment_command(args.work, cache)).returncode
     if args.export:
-        files = export(args.work, args.record)
+        files = export(args.work, args.record, runs_only=args.runs_only)
         print(f"exported {len(files)} file(s) of {len(finished_runs(args.work))} finished run(s) to {args.record}")
     return rc
 

@@ -92,6 +92,11 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-p", type=float,
                    help="probability that a training slice's intensities go through a random Bezier curve "
                         "(before GIN, for every method; default 0: off)")
+    p.add_argument("--fov-p", type=float,
+                   help="probability that a training crop is cut to a random field-of-view window (air outside, "
+                        "intensities z-scored over the window), as a tightly cropped scan looks; for every method")
+    p.add_argument("--fov-min-mm", type=POSITIVE_FLOAT,
+                   help="the smallest side of a random field-of-view window, mm (default: preset)")
     _add_context(p)
     p.add_argument("--batch-size", type=POSITIVE_INT)
     p.add_argument("--lr", type=POSITIVE_FLOAT)

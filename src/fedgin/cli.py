@@ -32,6 +32,8 @@ def _train_overrides(args) -> dict:
         "lr_schedule": args.lr_schedule,
         "intensity_augment": args.intensity_augment,
         "curve_p": args.curve_p,
+        "fov_p": args.fov_p,
+        "fov_min_mm": args.fov_min_mm,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "steps_per_epoch": args.steps_per_epoch,
@@ -53,7 +55,8 @@ _RUN_FIELDS = {
     "cache_dir": "cache_dir", "device": "device", "postprocess": "postprocess", "context": "model.in_channels",
     "epochs": "train.epochs", "threads": "train.num_threads",
     **{dest: f"train.{dest}" for dest in ("gin", "ipa", "gin_p", "gin_views", "clean_view", "consistency",
-                                          "lr_schedule", "intensity_augment", "curve_p", "batch_size", "lr",
+                                          "lr_schedule", "intensity_augment", "curve_p", "fov_p", "fov_min_mm",
+                                          "batch_size", "lr",
                                           "steps_per_epoch", "compile")},
 }
 

@@ -69,7 +69,10 @@ class TrainConfig:
     (:mod:`fedgin.engine.compiled`; ``FEDGIN_COMPILE=0`` turns it off for the process).
     ``curve_p``: the per-sample probability of a random Bezier intensity curve
     (:class:`fedgin.augment.RandomCurve`), after the standard augmentation and before GIN, for
-    every method (GIN or not); 0 is off.
+    every method (GIN or not); 0 is off. ``fov_p``: the per-sample probability that a training
+    crop is cut to a random field-of-view window (:class:`fedgin.augment.RandomField`: each side
+    between ``fov_min_mm`` and the crop, air outside, z-scored again over the window), for every
+    method; 0 is off.
     """
 
     epochs: int = 20
@@ -88,6 +91,8 @@ class TrainConfig:
     poly_exponent: float = 0.9
     intensity_augment: bool = True
     curve_p: float = 0.0
+    fov_p: float = 0.0
+    fov_min_mm: float = 150.0
 
     spatial_augment: bool = True
     proximal_mu: float = 0.0
@@ -105,6 +110,10 @@ class TrainConfig:
             raise ValueError(f"gin_p must be in [0, 1], got {self.gin_p}")
         if not 0.0 <= self.curve_p <= 1.0:
             raise ValueError(f"curve_p must be in [0, 1], got {self.curve_p}")
+        if not 0.0 <= self.fov_p <= 1.0:
+            raise ValueError(f"fov_p must be in [0, 1], got {self.fov_p}")
+        if self.fov_min_mm <= 0:
+            raise ValueError(f"fov_min_mm must be positive, got {self.fov_min_mm}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
@@ -239,6 +248,7 @@ FIELD_OPTIONS = {
     "train.gin_p": "--gin-p", "train.ipa": "--ipa/--no-ipa", "train.gin_views": "--gin-views",
     "train.clean_view": "--clean-view", "train.consistency": "--consistency", "train.lr_schedule": "--lr-schedule",
     "train.intensity_augment": "--no-intensity-augment", "train.curve_p": "--curve-p",
+    "train.fov_p": "--fov-p", "train.fov_min_mm": "--fov-min-mm",
 }
 
 

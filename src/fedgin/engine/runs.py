@@ -192,7 +192,7 @@ def _train_one(cfg: RunConfig, out: Path, sites: list[SiteData], *, resume: bool
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
-    trainer = Trainer(model, cfg.train, scheme, device, seed=cfg.seed)
+    trainer = Trainer(model, cfg.train, scheme, device, seed=cfg.seed, spacing_mm=cfg.preprocess.spacing_mm)
     metrics = MetricsLog(out / "metrics.jsonl")
     start_epoch = 0
     last = out / "checkpoints" / "last.pt"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..augment.field import RandomField
 from ..data.sites import CaseData
 from .context import stack_slices
 from .inference import tile_of
@@ -41,11 +42,13 @@ class SliceIndex:
         return len(self.case_of)
 
     def read(self, idx: np.ndarray, crop: tuple[int, int], rng: np.random.Generator, context: int = 1,
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             field: RandomField | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``B x H x W`` float32 images, ``B x H x W`` uint8 labels (``(H, W) = crop``) and ``B x C``
         annotation flags of slices ``idx``, each cut as the module docstring says. ``context`` K > 1
         (2.5D): images are ``B x K x H x W``, each slice with its neighbours (:func:`neighbours`),
-        cut at the same place; the label is the centre slice's."""
+        cut at the same place; the label is the centre slice's. ``field``: random field-of-view
+        windows of the crops (:class:`fedgin.augment.field.RandomField`; air is the plane's lowest
+        value); None draws nothing for them."""
         images = np.empty((len(idx), *([context] if context > 1 else []), *crop), np.float32)
         labels = np.empty((len(idx), *crop), np.uint8)
         annotated = []
@@ -55,9 +58,11 @@ class SliceIndex:
             label = np.asarray(case.label[z])
             r0, c0 = crop_origin(label, crop, rng)
             window = (Ellipsis, slice(r0, r0 + crop[0]), slice(c0, c0 + crop[1]))
-            images[k] = (stack_slices(case.image, z, z + 1, context)[0] if context > 1
-                         else np.asarray(case.image[z]))[window]
-            labels[k] = label[window[1:]]
+            plane = stack_slices(case.image, z, z + 1, context)[0] if context > 1 else np.asarray(case.image[z])
+            image, cut = plane[window], label[window[1:]]
+            if field is not None:
+                image, cut = field(image, cut, case.modality, rng, air=float(plane.min()))
+            images[k], labels[k] = image, cut
             annotated.append(case.annotated)
         return images, labels, np.stack(annotated)
 

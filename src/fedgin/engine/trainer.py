@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..augment import GIN, IPA, RandomCurve, RandomIntensity
+from ..augment import GIN, IPA, RandomCurve, RandomField, RandomIntensity
 from ..config import TrainConfig
 from ..data.labels import LabelScheme
+from ..data.preprocess import PreprocessConfig
 from ..data.sites import CaseData
 from .compiled import compiled_or_eager
 from .inference import case_prediction
@@ -132,7 +133,7 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, scheme: LabelScheme,
                  device: torch.device, seed: int = 0, *, gin: bool | None = None,
-                 total_epochs: int | None = None):
+                 total_epochs: int | None = None, spacing_mm: tuple[float, float] | None = None):
         self.model = model.to(device)
         self.cfg, self.scheme, self.device, self.seed = cfg, scheme, device, seed
         self.use_gin = cfg.gin if gin is None else gin
@@ -144,6 +145,10 @@ class Trainer:
         self.intensity = RandomIntensity() if cfg.intensity_augment else None
         # off by default: a run without curves draws exactly what it drew before they existed
         self.curve = RandomCurve(p=cfg.curve_p) if cfg.curve_p > 0 else None
+        # likewise off by default; its window's smallest side in voxels of the preprocessed plane
+        spacing = spacing_mm or PreprocessConfig().spacing_mm
+        self.field = (RandomField(cfg.fov_p, tuple(math.ceil(cfg.fov_min_mm / s) for s in spacing))
+                      if cfg.fov_p > 0 else None)
         self.gin = self.ipa = None
         # 2.5D (in_channels K > 1): each slice comes with its neighbours, and one GIN draw per
         # sample changes the contrast of the whole stack alike
@@ -216,7 +221,7 @@ class Trainer:
                 self.last_lr = self.lr_at(epoch * steps + i, total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.last_lr
-                images, labels, annotated = bank.read(sampler.batch(), crop, rng, self.context)
+                images, labels, annotated = bank.read(sampler.batch(), crop, rng, self.context, self.field)
                 loss = self.step(images, labels, annotated, gen, global_params)
                 total += loss
                 bar.set_postfix(loss=f"{loss:.3f}")

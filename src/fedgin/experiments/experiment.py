@@ -57,6 +57,10 @@ RECIPES: dict[str, dict] = {
     # before GIN + IPA
     "curve": {"gin": False, "curve_p": 0.5},
     "ipa-curve": {"gin": True, "ipa": True, "curve_p": 0.5},
+    # random field-of-view windows on half of the slices (fedgin.augment.RandomField), without GIN
+    # or with the preset's GIN recipe (``fedgin+fov`` is ``fedavg+gin-fov``)
+    "fov": {"gin": False, "fov_p": 0.5},
+    "gin-fov": {"gin": True, "fov_p": 0.5},
 }
 
 
@@ -85,10 +89,12 @@ def parse_method(text: str) -> Method:
     name = text.strip()
     base, _, suffix = name.partition("+")
     suffix, gin_p = _split_probability(suffix)
+    if base == "fedgin" and suffix in RECIPES and not RECIPES[suffix]["gin"] and f"gin-{suffix}" in RECIPES:
+        suffix = f"gin-{suffix}"  # fedgin+fov: FedGIN with the windows
     if base not in BASE_METHODS or suffix not in RECIPES or (base == "fedgin" and suffix == "gin") \
             or (gin_p is not None and not RECIPES[suffix]["gin"]):
         raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
-                          "(optionally +gin, +ipa, +gin1, +ouyang, +clean, +curve or +ipa-curve, the GIN ones "
+                          "(optionally +gin, +ipa, +gin1, +ouyang, +clean, +curve, +ipa-curve, +fov or +gin-fov, the GIN ones "
                           "optionally with -pNN, "
                           "NN% of slices through GIN; fedgin is fedavg+gin)")
     recipe = suffix or ("gin" if base == "fedgin" else "")
@@ -194,9 +200,9 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
 # what a finished run must share with what this call would train to be reused (the budget fields
 # are set per method kind, so they are left out)
 _RECIPE_FIELDS = ("lr", "weight_decay", "batch_size", "gin", "lr_schedule", "poly_exponent", "intensity_augment",
-                  "spatial_augment", "curve_p")
+                  "spatial_augment", "curve_p", "fov_p", "fov_min_mm")
 # fields added after runs were recorded, and the value every run recorded without them trained with
-_ADDED_FIELDS = {"curve_p": 0.0}
+_ADDED_FIELDS = {"curve_p": 0.0, "fov_p": 0.0, "fov_min_mm": 150.0}
 _GIN_FIELDS = ("gin_p", "ipa", "gin_views", "clean_view", "consistency")  # matter only with GIN on
 
 
@@ -213,7 +219,7 @@ def _check_same_recipe(run: Path, base: RunConfig) -> None:
 def _compare_recipe(run: Path, stored: dict, expected: dict) -> None:
     fields = _RECIPE_FIELDS + (_GIN_FIELDS if expected["train"]["gin"] else ())
     differ = [f"train.{k}" for k in fields
-              if stored.get("train", {}).get(k, _ADDED_FIELDS.get(k)) != expected["train"][k]]
+              if stored.get("train", {}).get(k, _ADDED_FIELDS.get(k)) != expected["train"].get(k, _ADDED_FIELDS.get(k))]
     differ += [part for part in ("model", "preprocess") if stored.get(part) != expected[part]]
     if stored.get("rounds") != expected["rounds"] or stored.get("local_epochs") != expected["local_epochs"]:
         differ.append("rounds/local_epochs")

@@ -94,7 +94,9 @@ def write_run_report(run: Path, eval_dir: Path | None, out_md: Path, title: str 
                   f"- learning rate {cfg['train']['lr']}, schedule {cfg['train'].get('lr_schedule', 'constant')}, "
                   f"standard intensity augmentation {'on' if cfg['train'].get('intensity_augment') else 'off'}, "
                   + (f"random intensity curves on a share {cfg['train']['curve_p']:g} of the slices, "
-                     if cfg['train'].get('curve_p') else "") +
+                     if cfg['train'].get('curve_p') else "")
+                  + (f"random field-of-view windows (sides {cfg['train'].get('fov_min_mm', 150):g} mm to the crop) "
+                     f"on a share {cfg['train']['fov_p']:g} of the slices, " if cfg['train'].get('fov_p') else "") +
                   f"intensities {cfg['preprocess'].get('intensity', 'unit')}", ""]
         private = [r["privacy"] for r in read_metrics(run) if r.get("privacy")]
         if private:

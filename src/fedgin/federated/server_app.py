@@ -5,7 +5,8 @@ Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``): ``con
 in a deployment ``"ct=- mri=-"``, names and order only, each SuperNode's ``data-dir`` holds its
 data), ``out`` (an absolute path), ``rounds``, ``local-epochs``, ``strategy``, ``gin``, ``preset``,
 ``seed``, ``min-sites`` (0: every site); GIN-recipe keys (``""``: the preset's)
-``gin-views``, ``clean-view``, ``consistency``, ``ipa``, ``gin-p``, ``lr-schedule``, ``curve-p``; privacy and
+``gin-views``, ``clean-view``, ``consistency``, ``ipa``, ``gin-p``, ``lr-schedule``, ``curve-p``, ``fov-p``,
+``fov-min-mm``; privacy and
 robustness keys (``""``: off or the default) ``dp-clip``, ``dp-noise``, ``dp-mode``, ``dp-delta``,
 ``dp-drop-unclipped``, ``dp-insecure-seeded-noise`` (debugging only: no privacy), ``trim-beta``, ``secagg``. See docs/deployment.md.
 """
@@ -37,7 +38,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 #: optional run-config keys -> the TrainConfig field and type they set
 RECIPE_KEYS = {"gin-views": ("gin_views", int), "clean-view": ("clean_view", bool),
                "consistency": ("consistency", float), "ipa": ("ipa", bool), "gin-p": ("gin_p", float),
-               "lr-schedule": ("lr_schedule", str), "curve-p": ("curve_p", float), "compile": ("compile", bool)}
+               "lr-schedule": ("lr_schedule", str), "curve-p": ("curve_p", float), "fov-p": ("fov_p", float),
+               "fov-min-mm": ("fov_min_mm", float), "compile": ("compile", bool)}
 #: optional run-config keys -> the RunConfig field and type they set
 FEDERATION_KEYS = {"dp-clip": ("dp_clip", float), "dp-noise": ("dp_noise", float), "dp-mode": ("dp_mode", str),
                    "dp-delta": ("dp_delta", float), "trim-beta": ("trim_beta", float), "secagg": ("secagg", bool),

@@ -139,7 +139,8 @@ def train_round(
         arrays.update(local_arrays)
     model.load_state_dict(numpy_to_state(arrays, reference))
     train_cfg = replace(cfg.train, proximal_mu=proximal_mu)
-    trainer = Trainer(model, train_cfg, scheme, device, seed=seed, total_epochs=cfg.rounds * cfg.local_epochs)
+    trainer = Trainer(model, train_cfg, scheme, device, seed=seed, total_epochs=cfg.rounds * cfg.local_epochs,
+                      spacing_mm=cfg.preprocess.spacing_mm)
     if optimizer_state is not None:
         trainer.load_optimizer_state(optimizer_state)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
