@@ -114,7 +114,12 @@ def level_goal(runs, name, run, modality, at_least: float) -> dict:
     return _goal(name, {"folds": folds}, value, f">= {at_least:.2f}", None if value is None else value >= at_least)
 
 
-def failure_goal(runs, run) -> dict:
+def reported(goal: dict) -> dict:
+    """A comparison shown beside the goals, with no target of its own."""
+    return {**goal, "target": "(reported)", "met": None, "reported": True}
+
+
+def failure_goal(runs, run, name: str = "default model") -> dict:
     """The largest share, over organs and modalities, of cases with Dice below ``FAIL_DICE``."""
     folds = sorted(runs.get(run, {}))
     rows = [r for f in folds for r in runs[run][f]] if folds else []
@@ -125,10 +130,30 @@ def failure_goal(runs, run) -> dict:
             if values:
                 shares[f"{modality} {organ}"] = {"below": sum(v < FAIL_DICE for v in values), "cases": len(values)}
     worst = max((s["below"] / s["cases"] for s in shares.values()), default=None)
-    goal = _goal(f"default model: no organ below Dice {FAIL_DICE} in more than {FAIL_SHARE:.0%} of cases",
+    goal = _goal(f"{name}: no organ below Dice {FAIL_DICE} in more than {FAIL_SHARE:.0%} of cases",
                  {"folds": folds}, worst, f"<= {FAIL_SHARE:.2f}", None if worst is None else worst <= FAIL_SHARE)
     goal["shares"] = shares
     return goal
+
+
+#: FedGIN with random field-of-view windows (fedgin.augment.RandomField), and FedAvg with them
+FOV, FOV_FEDAVG = "fedgin+fov", "fedavg+fov"
+
+
+def fov_goals(runs: dict) -> list[dict]:
+    """The windows' effect (FedGIN with them against without, on the same patients) and issue 22's
+    goals for FedGIN with them: against FedAvg with them (the same augmentation), level and failures."""
+    c = "complete"
+    out = [reported(difference_goal(runs, f"windows: {FOV} {m} - fedgin {m}", (c, FOV), (c, "fedgin"), m, 0.0))
+           for m in MODALITIES]
+    out += [difference_goal(runs, f"complete, with windows: {FOV} MRI - {FOV_FEDAVG} MRI", (c, FOV), (c, FOV_FEDAVG),
+                            "MRI", 0.01),
+            difference_goal(runs, f"complete, with windows: {FOV} CT - {FOV_FEDAVG} CT", (c, FOV), (c, FOV_FEDAVG),
+                            "CT", -0.01),
+            level_goal(runs, f"{FOV} (complete) on MRI", (c, FOV), "MRI", 0.90),
+            level_goal(runs, f"{FOV} (complete) on CT", (c, FOV), "CT", 0.90),
+            failure_goal(runs, (c, FOV), FOV)]
+    return out
 
 
 def goals(runs: dict, budget: dict | None) -> list[dict]:
@@ -150,6 +175,8 @@ def goals(runs: dict, budget: dict | None) -> list[dict]:
         level_goal(runs, "default model (complete, fedgin) on CT", (c, "fedgin"), "CT", 0.90),
         failure_goal(runs, (c, "fedgin")),
     ]
+    if (c, FOV) in runs:
+        out += fov_goals(runs)
     seconds = (budget or {}).get("methods", {}).get("fedgin", {}).get("federate_seconds")
     out.append({"goal": "`fedgin federate` on the bundle (default recipe), minutes on 2 cores", "target": "<= 20",
                 "value": None if seconds is None else round(seconds / 60, 1),
@@ -159,7 +186,8 @@ def goals(runs: dict, budget: dict | None) -> list[dict]:
 
 
 #: the order of the grid's methods in the table (others follow, sorted)
-METHOD_ORDER = ("local-ct", "local-ct+gin", "local-ct+ipa-p100", "local-mri", "centralized", "fedavg", "fedgin")
+METHOD_ORDER = ("local-ct", "local-ct+gin", "local-ct+ipa-p100", "local-mri", "centralized", "fedavg", "fedgin",
+                "fedavg+fov", "fedgin+fov")
 
 
 def method_table(runs: dict) -> list[dict]:
@@ -185,8 +213,9 @@ def method_table(runs: dict) -> list[dict]:
 
 
 #: the methods that train on each modality: a patient they all miss is hard for the data, not the method
-IN_DOMAIN = {"CT": ("local-ct", "local-ct+gin", "local-ct+ipa-p100", "centralized", "fedavg", "fedgin"),
-             "MRI": ("local-mri", "centralized", "fedavg", "fedgin")}
+IN_DOMAIN = {"CT": ("local-ct", "local-ct+gin", "local-ct+ipa-p100", "centralized", "fedavg", "fedgin",
+                    "fedavg+fov", "fedgin+fov"),
+             "MRI": ("local-mri", "centralized", "fedavg", "fedgin", "fedavg+fov", "fedgin+fov")}
 
 
 def patient_table(runs: dict, scenario: str = "complete") -> list[dict]:
@@ -235,7 +264,7 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for g in result["goals"]:
         per_fold = ", ".join(f"{f}: {d:+.3f}" for f, d in g.get("per_fold", {}).items() if d is not None)
-        met = {True: "yes", False: "**no**", None: "not measured yet"}[g["met"]]
+        met = "–" if g.get("reported") else {True: "yes", False: "**no**", None: "not measured yet"}[g["met"]]
         pairs = g.get("pairs")
         pairs = f"{pairs['wins']} / {pairs['losses']} (p {pairs['p']:.3f})" if pairs and pairs["wins"] + pairs["losses"] else "–"
         lines.append(f"| {g['goal']} | {g['target']} | {_cell(g['value'])} | {_cell(g.get('a'))} | {_cell(g.get('b'))} "

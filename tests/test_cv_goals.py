@@ -139,3 +139,21 @@ def test_a_patient_every_in_domain_method_misses_is_named_and_can_be_left_out(cv
               "default_without_hard_patients": easy}
     text = cv_goals.markdown(result)
     assert "| mri1 | 0 | MRI |" in text and "without the patients every in-domain method misses (mri1)" in text
+
+
+def test_the_windows_block_appears_with_their_runs_and_is_reported_without_a_target(cv_goals, tmp_path):
+    record = tmp_path / "cv3"
+    _run(record, 0, "complete", "fedgin", _uniform(0.8, 0.8))
+    _run(record, 0, "complete", "fedavg", _uniform(0.8, 0.7))
+    assert not any("windows" in g["goal"] for g in cv_goals.goals(cv_goals.read_runs(record), None))
+    _run(record, 0, "complete", "fedgin+fov", _uniform(0.92, 0.91))
+    _run(record, 0, "complete", "fedavg+fov", _uniform(0.9, 0.85))
+    goals = {g["goal"]: g for g in cv_goals.goals(cv_goals.read_runs(record), None)}
+    effect = goals["windows: fedgin+fov CT - fedgin CT"]
+    assert effect["value"] == pytest.approx(0.12) and effect["met"] is None and effect["reported"]
+    assert goals["complete, with windows: fedgin+fov MRI - fedavg+fov MRI"]["met"] is True
+    assert goals["fedgin+fov (complete) on MRI"]["met"] is True
+    assert goals["fedgin+fov: no organ below Dice 0.7 in more than 5% of cases"]["value"] == 0
+    text = cv_goals.markdown({"command": "c", "date": "d", "record": "r", "finished_runs": 4,
+                              "goals": list(goals.values())})
+    assert "| windows: fedgin+fov CT - fedgin CT | (reported) | 0.120 |" in text
