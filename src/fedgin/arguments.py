@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods",
                    help="comma-separated: local-ct, local-mri, centralized, fedavg, fedgin, each optionally with "
                         "+gin (the preset's GIN recipe), +ipa (GIN with IPA), +gin1 (the paper's plain GIN), "
-                        "+ouyang (3 GIN+IPA views, consistency term) or +clean (a GIN+IPA and a clean view), "
-                        "and those with -pNN (NN%% of training slices through GIN), e.g. fedgin+ipa-p50")
+                        "+ouyang (3 GIN+IPA views, consistency term), +clean (a GIN+IPA and a clean view), "
+                        "+curve / +ipa-curve (random intensity curves, without / before GIN+IPA) or +fov / +gin-fov "
+                        "(random field-of-view windows, without / with GIN; fedgin+fov is FedGIN with them), "
+                        "the GIN ones with -pNN (NN%% of training slices through GIN), e.g. fedgin+ipa-p50")
     p.add_argument("--seeds", type=POSITIVE_INT, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=PRESET_HELP)
