@@ -201,3 +201,33 @@ def test_the_command_line_options_set_the_windows(tmp_path):
     from fedgin.engine.runs import resume_run_config
     with pytest.raises(FedginError, match=r"--fov-p \(recorded 0.25, now 0.5\)"):
         resume_run_config(config(["federate", "--out", str(tmp_path / "a"), "--resume", "--fov-p", "0.5"]))
+
+
+def test_an_experiment_wide_share_goes_to_every_method_and_a_fov_recipe_keeps_its_own(phantom_datasets, tmp_path,
+                                                                                      monkeypatch):
+    from fedgin.config import SiteSpec
+    from fedgin.experiments import experiment
+
+    ct, mri = phantom_datasets(2, 2)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(base, method, *args):
+        seen[method.name] = base.train.fov_p
+        if len(seen) == 3:
+            raise Stop
+        Path(base.out).mkdir(parents=True)
+
+    monkeypatch.setattr(experiment, "_train_method", record)
+    import fedgin.evaluation.scoring as scoring
+    monkeypatch.setattr(scoring, "evaluate", lambda *a, **k: None)
+    sites = [SiteSpec("ct", str(ct)), SiteSpec("mri", str(mri))]
+    with pytest.raises(Stop):
+        experiment.run_experiment(sites, ["complete"], ["fedavg", "fedgin+fov", "local-ct"], 1, tmp_path / "x",
+                                  preset="quick", overlays=False, fov_p=0.2, log=lambda *a: None)
+    assert seen == {"fedavg": 0.2, "fedgin+fov": 0.5, "local-ct": 0.2}
+    args = __import__("fedgin.arguments", fromlist=["build_parser"]).build_parser().parse_args(
+        ["experiment", "--site", "ct=a", "--site", "mri=b", "--out", "o", "--fov-p", "0.3"])
+    assert args.fov_p == 0.3

@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(random field-of-view windows, without / with GIN; fedgin+fov is FedGIN with them), "
                         "the GIN ones with -pNN (NN%% of training slices through GIN), e.g. fedgin+ipa-p50")
     p.add_argument("--seeds", type=POSITIVE_INT, default=1)
+    p.add_argument("--fov-p", type=float,
+                   help="random field-of-view windows for every method (default: the preset's; a +fov recipe "
+                        "sets its own)")
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=PRESET_HELP)
     p.add_argument("--rounds", type=POSITIVE_INT, help="rounds (local/centralized: rounds x local epochs epochs)")

@@ -248,7 +248,7 @@ def cmd_experiment(args) -> int:
                                      steps_per_epoch=args.steps_per_epoch, split_file=args.split,
                                      cache_dir=args.cache_dir, overlays=not args.no_overlays,
                                      label_map=parse_label_map(args.label_map), folds=args.folds,
-                                     context=args.context)
+                                     context=args.context, fov_p=args.fov_p)
     print(f"wrote {report}")
     return 0
 

@@ -144,8 +144,11 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
                    preset: str = DEFAULT_PRESET, rounds: int | None = None, local_epochs: int | None = None,
                    steps_per_epoch: int | None = None, split_file: str | None = None, cache_dir: str | None = None,
                    overlays: bool = True, label_map: dict[str, str] | None = None, context: int | None = None,
-                   log=print) -> Path:
+                   fov_p: float | None = None, log=print) -> Path:
     """Train and evaluate every (scenario, method, seed); write results and the report into ``out``.
+
+    ``fov_p`` (``--fov-p``): the share of training slices cut to random field-of-view windows for
+    every method whose recipe does not set its own (None: the preset's).
 
     ``overlays`` also draws prediction overlays of seed 0 on a few test slices (patient images);
     ``label_map`` (``--label-map``) goes into every run's config and so into its evaluation.
@@ -170,7 +173,8 @@ def run_experiment(sites: list[SiteSpec], scenarios: list[str], methods: list[st
                 run = run_dir(out, scenario, method.name, seed)
                 eval_dir = run / "eval"
                 base = resolve(preset, command="experiment", out=str(run), sites=tuple(sites),
-                               train_overrides={**method.train_overrides, "steps_per_epoch": steps_per_epoch},
+                               train_overrides={**({} if fov_p is None else {"fov_p": fov_p}),
+                                                **method.train_overrides, "steps_per_epoch": steps_per_epoch},
                                seed=seed, split=split_file, cache_dir=cache_dir, rounds=rounds,
                                local_epochs=local_epochs, label_map=label_map, context=context)
                 if (eval_dir / "summary.json").exists():

@@ -20,7 +20,8 @@ def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods
                             local_epochs: int | None = None, steps_per_epoch: int | None = None,
                             split_file: str | None = None, cache_dir: str | None = None,
                             overlays: bool = True, label_map: dict[str, str] | None = None,
-                            folds: int | None = None, context: int | None = None) -> Path:
+                            folds: int | None = None, context: int | None = None,
+                            fov_p: float | None = None) -> Path:
     """``fedgin experiment``: :func:`run_experiment` with its provenance in ``out/experiment.json``;
     ``folds`` K: cross-validated over K folds (:mod:`fedgin.experiments.folds`).
 
@@ -39,7 +40,7 @@ def run_recorded_experiment(sites: list[SiteSpec], scenarios: list[str], methods
         meta["folds"] = folds
     (out / "experiment.json").write_text(json.dumps(meta, indent=2))
     options = dict(preset=preset, rounds=rounds, local_epochs=local_epochs, steps_per_epoch=steps_per_epoch,
-                   cache_dir=cache_dir, overlays=overlays, label_map=label_map, context=context)
+                   cache_dir=cache_dir, overlays=overlays, label_map=label_map, context=context, fov_p=fov_p)
     if folds:
         run_folds(sites, scenarios, methods, seeds, out, folds=folds, split_file=split_file, **options)
     else:
