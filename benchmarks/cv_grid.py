@@ -47,6 +47,10 @@ RECORD = RESULTS / "cv3"
 FOLDS = 3
 SCENARIOS = "complete,limited-1to5"
 METHODS = "local-ct,local-ct+gin,local-mri,centralized,fedavg,fedgin,local-ct+ipa-p100"
+#: the grid was recorded before the field-of-view windows became the `standard` preset's (they
+#: were off for every method); a resumed grid keeps them off, so it trains what it recorded. The
+#: windows' own runs (fedgin+fov, fedavg+fov) set theirs in their recipe.
+GRID_FOV_P = 0.0
 KEPT = (".json", ".jsonl", ".md", ".csv")
 LEFT_OUT_DIRS = {"checkpoints", "overlays"}
 LEFT_OUT_FILES = {"qa.html", "qa.npz"}
@@ -99,7 +103,7 @@ def experiment_command(work: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "fedgin.cli", "experiment",
             f"--site=ct={BUNDLE / 'Dataset801_AbdomenCT'}", f"--site=mri={BUNDLE / 'Dataset802_AbdomenMR'}",
             "--scenario", SCENARIOS, "--methods", METHODS, "--folds", str(FOLDS), "--seeds", "1", "--out", str(work),
-            "--cache-dir", str(cache), "--no-overlays"]
+            "--cache-dir", str(cache), "--no-overlays", "--fov-p", str(GRID_FOV_P)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -286,8 +286,9 @@ def test_without_preset_a_command_gets_the_converged_budget(command):
     per_site = standard["rounds"] * standard["local_epochs"] * standard["train"].steps_per_epoch
     assert per_site == standard["train"].epochs * standard["train"].steps_per_epoch == 6000
     assert quick["rounds"] * 6 == standard["rounds"]
-    # the same recipe but the budget and 2.5D: grid, U-Net, training settings
+    # the same recipe but the budget, 2.5D and the field-of-view windows: grid, U-Net, training settings
     assert standard["model"].in_channels == 3 and quick["model"].in_channels == 1
     assert replace(standard["model"], in_channels=1) == quick["model"]
     assert standard["preprocess"] == quick["preprocess"]
-    assert replace(standard["train"], epochs=quick["train"].epochs) == quick["train"]
+    assert standard["train"].fov_p == 0.5 and quick["train"].fov_p == 0.0
+    assert replace(standard["train"], epochs=quick["train"].epochs, fov_p=0.0) == quick["train"]
