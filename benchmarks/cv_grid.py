@@ -29,6 +29,14 @@ every training slice, which the CT-only probe favours for zero-shot MRI
 (``docs/results/domain_gap_real_gin_p.md``: 0.556 against the default recipe's 0.456 on the
 selection cases, at 6000 steps in 2.5D); it was added after fold 1's first runs, so the grid runs
 it for each fold when it resumes (a local CT run, shared by both scenarios, about 12 min).
+
+The grid trains every method on whole fields (``--fov-p 0``, :data:`GRID_FOV_P`), as it was recorded.
+FedGIN and FedAvg with the random field-of-view windows that the ``standard`` preset now trains with
+were run as a second experiment over the record's split files and added to it::
+
+    fedgin experiment --site ct=... --site mri=... --scenario complete --methods fedgin+fov,fedavg+fov \
+        --folds 3 --out /work/runs/cvfov            # folds/fold<f>/split.json copied from the record first
+    python benchmarks/cv_grid.py --work /work/runs/cvfov --export --runs-only
 """
 
 from __future__ import annotations
