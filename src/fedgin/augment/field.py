@@ -59,8 +59,7 @@ class RandomField:
         rows, cols = self.window(label.shape, rng)
         air = float(image.min()) if air is None else float(air)
         inside = image[..., rows, cols]
-        top = float(inside.max()) if inside.size else air
-        floor = air if modality == "CT" else air + BODY_THRESHOLD["MRI"] * (top - air)
+        floor = air if modality == "CT" else air + BODY_THRESHOLD["MRI"] * (float(inside.max()) - air)
         body = inside[inside > floor]
         scaled = inside
         if body.size >= MIN_BODY_VOXELS:

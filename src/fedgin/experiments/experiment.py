@@ -94,9 +94,8 @@ def parse_method(text: str) -> Method:
     if base not in BASE_METHODS or suffix not in RECIPES or (base == "fedgin" and suffix == "gin") \
             or (gin_p is not None and not RECIPES[suffix]["gin"]):
         raise FedginError(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
-                          "(optionally +gin, +ipa, +gin1, +ouyang, +clean, +curve, +ipa-curve, +fov or +gin-fov, the GIN ones "
-                          "optionally with -pNN, "
-                          "NN% of slices through GIN; fedgin is fedavg+gin)")
+                          f"(optionally {', '.join('+' + r for r in RECIPES if r)}, the GIN ones optionally with "
+                          "-pNN, NN% of slices through GIN; fedgin is fedavg+gin, fedgin+fov is fedavg+gin-fov)")
     recipe = suffix or ("gin" if base == "fedgin" else "")
     if base in ("fedgin", "fedavg"):
         return Method(name, "federated", None, recipe, gin_p)
@@ -222,8 +221,9 @@ def _check_same_recipe(run: Path, base: RunConfig) -> None:
 
 def _compare_recipe(run: Path, stored: dict, expected: dict) -> None:
     fields = _RECIPE_FIELDS + (_GIN_FIELDS if expected["train"]["gin"] else ())
-    differ = [f"train.{k}" for k in fields
-              if stored.get("train", {}).get(k, _ADDED_FIELDS.get(k)) != expected["train"].get(k, _ADDED_FIELDS.get(k))]
+    def value(train: dict, k: str):
+        return train.get(k, _ADDED_FIELDS.get(k))
+    differ = [f"train.{k}" for k in fields if value(stored.get("train", {}), k) != value(expected["train"], k)]
     differ += [part for part in ("model", "preprocess") if stored.get(part) != expected[part]]
     if stored.get("rounds") != expected["rounds"] or stored.get("local_epochs") != expected["local_epochs"]:
         differ.append("rounds/local_epochs")
